@@ -1,0 +1,97 @@
+"""Attention over a paged KV cache for a flat batch of tokens from many sequences.
+
+A step may mix prefills, chunked prefills after a cached prefix, and decodes. The runner describes the step once in
+`AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched SDPA call, so
+the Python work per layer does not grow with the number of sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    """K and V for every layer; slot s of a layer holds token (block s // block_size, offset s % block_size)."""
+
+    k: torch.Tensor  # [layers, num_blocks * block_size, kv_heads, head_dim]
+    v: torch.Tensor
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   block_size)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each of them may attend to."""
+
+    positions: torch.Tensor      # [tokens] position of each new token in its sequence
+    slot_mapping: torch.Tensor   # [tokens] cache slot each new token's K/V is written to
+    context_slots: torch.Tensor  # [seqs, max_context] cache slots each sequence reads (padding points at slot 0)
+    mask: torch.Tensor           # [seqs, 1, max_query, max_context] True where attention is allowed
+    query_index: torch.Tensor    # [tokens] row of each token in the padded [seqs * max_query] layout
+    max_query_len: int
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionMetadata:
+        """query_lens: new tokens per sequence; context_lens: cached + new tokens per sequence."""
+        q_lens = torch.tensor(query_lens, dtype=torch.long)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
+        num_seqs, max_q, max_ctx = len(query_lens), max(query_lens), max(context_lens)
+        max_blocks = max(len(t) for t in block_tables)
+        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        offset_in_query = torch.arange(int(q_lens.sum())) - starts[seq_of_token]
+        positions = (ctx_lens - q_lens)[seq_of_token] + offset_in_query
+        slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+        key_pos = torch.arange(max_ctx)
+        key_valid = key_pos[None, :] < ctx_lens[:, None]
+        context_slots = tables[:, (key_pos // block_size).clamp(max=max_blocks - 1)] * block_size + key_pos % block_size
+        context_slots = torch.where(key_valid, context_slots, 0)
+
+        query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]
+        query_valid = torch.arange(max_q)[None, :] < q_lens[:, None]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
+        mask = torch.where(query_valid[:, :, None], mask, key_pos[None, None, :] == 0)  # padding rows: no NaNs
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            context_slots=context_slots.to(device),
+            mask=mask[:, None].to(device),
+            query_index=(seq_of_token * max_q + offset_in_query).to(device),
+            max_query_len=max_q,
+        )
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Store this step's k/v ([tokens, kv_heads, head_dim]) and attend; returns [tokens, heads * head_dim]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_seqs, max_q = meta.context_slots.shape[0], meta.max_query_len
+    tokens, heads, head_dim = q.shape
+    if tokens == num_seqs * max_q:  # every sequence has the same query length: no padding needed
+        padded_q = q.view(num_seqs, max_q, heads, head_dim)
+    else:
+        padded_q = q.new_zeros(num_seqs * max_q, heads, head_dim).index_copy_(0, meta.query_index, q)
+        padded_q = padded_q.view(num_seqs, max_q, heads, head_dim)
+    keys = k_cache[meta.context_slots].transpose(1, 2)
+    values = v_cache[meta.context_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=True)
+    out = out.transpose(1, 2).reshape(num_seqs * max_q, heads * head_dim)
+    return out if tokens == num_seqs * max_q else out[meta.query_index]

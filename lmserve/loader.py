@@ -1,0 +1,64 @@
+"""Load a model and its tokenizer from any supported source in one call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmserve.config import ModelConfig
+from lmserve.models.registry import build_model
+from lmserve.weights import hf_dir
+from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
+from lmserve.weights.resolve import resolve_model_path
+from lmserve.weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: nn.Module
+    tokenizer: Tokenizer
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "float32",
+               device: str = "cpu") -> LoadedModel:
+    """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path."""
+    path = resolve_model_path(model)
+    torch_dtype, torch_device = parse_dtype(dtype), torch.device(device)
+    if path.suffix == ".gguf":
+        checkpoint = GGUFCheckpoint(path)
+        config = ModelConfig.from_hf(checkpoint.hf_config, str(path))
+        weights = checkpoint.tensors(torch_dtype)
+        tok = None if tokenizer else tokenizer_from_gguf(checkpoint)
+    else:
+        config = ModelConfig.from_hf(hf_dir.read_config(path), str(path / "config.json"))
+        weights = hf_dir.iter_tensors(hf_dir.safetensors_files(path), torch_dtype)
+        tok = None
+    if tok is None:
+        tok = load_tokenizer(Path(tokenizer).expanduser() if tokenizer else path)
+    module = build_model(config, weights, str(path), torch_dtype, torch_device)
+    return LoadedModel(config, module, tok, path, torch_dtype, torch_device)

@@ -1,0 +1,1 @@
+"""Model families as plain PyTorch modules with forward(input_ids, positions-bearing metadata, kv cache)."""
