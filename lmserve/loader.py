@@ -11,7 +11,6 @@ from torch import nn
 from lmserve.config import ModelConfig
 from lmserve.models.registry import build_model
 from lmserve.weights import hf_dir
-from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
 from lmserve.weights.resolve import resolve_model_path
 from lmserve.weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
@@ -50,6 +49,8 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     path = resolve_model_path(model)
     torch_dtype, torch_device = parse_dtype(dtype), torch.device(device)
     if path.suffix == ".gguf":
+        from lmserve.weights.gguf_checkpoint import GGUFCheckpoint  # the gguf reader is only needed here
+
         checkpoint = GGUFCheckpoint(path)
         config = ModelConfig.from_hf(checkpoint.hf_config, str(path))
         weights = checkpoint.tensors(torch_dtype)

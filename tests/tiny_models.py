@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tokenizers
 import torch
 import transformers
 
-VOCAB = 256
+VOCAB = 320
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TRAINING_TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "def main():\n    return 42\n",
+                 "Paris is the capital of France; Berlin is the capital of Germany.", "héllo wörld ☃ 你好"]
 
 LLAMA_GQA_TIED = dict(kind="llama", num_key_value_heads=2, tie_word_embeddings=True)
 LLAMA_MHA_UNTIED = dict(kind="llama", num_key_value_heads=4, tie_word_embeddings=False)
@@ -59,4 +64,20 @@ def make_tiny_model(spec: dict, directory: Path, seed: int = 0, vocab_size: int 
             if "norm" in name and name.endswith("weight"):
                 p.add_(1.0)
     model.save_pretrained(directory)
+    save_tiny_tokenizer(directory, vocab_size)
     return model
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
+    """A byte-level BPE trained on a few sentences, with ChatML specials, so tiny models take text prompts."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TRAINING_TEXT, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(directory)

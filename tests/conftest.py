@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random models saved once per session, and the bundled SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import ALL_CONFIGS, make_tiny_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PYTHIA_TOKENIZER = SHARED_DATA / "pythia-20B_tokenizer.json"
+
+
+@pytest.fixture(scope="session", params=sorted(ALL_CONFIGS))
+def tiny_model(request, tmp_path_factory):
+    """(directory, transformers reference model) for each tiny config."""
+    directory = tmp_path_factory.mktemp(request.param)
+    return directory, make_tiny_model(ALL_CONFIGS[request.param], directory)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from lmserve.weights.resolve import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
