@@ -29,9 +29,10 @@ def test_greedy_tokens_match_transformers(tiny_model):
     lm = load_model(str(directory))
     ours = greedy_generate(lm, PROMPTS, 32, stop_token_ids=set())
     for prompt, tokens in zip(PROMPTS, ours, strict=True):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
-        assert tokens == expected[0, len(prompt):].tolist()
+        expected = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        assert tokens == expected[0, len(prompt) :].tolist()
 
 
 def test_bfloat16_stays_close_to_float32(tiny_model):

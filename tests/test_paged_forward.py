@@ -29,7 +29,7 @@ def run_schedule(lm, prompts, chunk_sizes, block_size, seed):
         active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
         query_lens = [min(chunk_sizes[(step + i) % len(chunk_sizes)], len(prompts[i]) - done[i]) for i in active]
         context_lens = [done[i] + q for i, q in zip(active, query_lens, strict=True)]
-        ids = [t for i, q in zip(active, query_lens, strict=True) for t in prompts[i][done[i]: done[i] + q]]
+        ids = [t for i, q in zip(active, query_lens, strict=True) for t in prompts[i][done[i] : done[i] + q]]
         meta = AttentionMetadata.build(query_lens, context_lens, [tables[i] for i in active], block_size)
         with torch.no_grad():
             out = lm.model.compute_logits(lm.model(torch.tensor(ids), meta, cache)).split(query_lens)

@@ -12,8 +12,14 @@ from tiny_models import NEOX_QUARTER_ROTARY, make_tiny_model
 
 from lmserve.loader import load_model
 
-TEXTS = ["Hello, world!", "  leading spaces and\ttabs\n\nnewlines", "def f(x):\n    return x ** 2  # square",
-         "naïve café — 日本語 🙂", "1234567890 3.14159", "<|endoftext|>after the special token"]
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces and\ttabs\n\nnewlines",
+    "def f(x):\n    return x ** 2  # square",
+    "naïve café — 日本語 🙂",
+    "1234567890 3.14159",
+    "<|endoftext|>after the special token",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +41,25 @@ def test_pythia_tokenizer_matches_transformers_and_round_trips(pythia_tiny):
 
 
 def test_cli_generate_with_separate_tokenizer(pythia_tiny):
-    result = subprocess.run([sys.executable, "-m", "lmserve.cli", "generate", "Hello", "--model", str(pythia_tiny),
-                             "--tokenizer", str(PYTHIA_TOKENIZER), "--max-tokens", "5", "--no-chat"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmserve.cli",
+            "generate",
+            "Hello",
+            "--model",
+            str(pythia_tiny),
+            "--tokenizer",
+            str(PYTHIA_TOKENIZER),
+            "--max-tokens",
+            "5",
+            "--no-chat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 

@@ -9,16 +9,31 @@ import torch
 import transformers
 
 VOCAB = 320
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TRAINING_TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "def main():\n    return 42\n",
-                 "Paris is the capital of France; Berlin is the capital of Germany.", "héllo wörld ☃ 你好"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "def main():\n    return 42\n",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "héllo wörld ☃ 你好",
+]
 
 LLAMA_GQA_TIED = dict(kind="llama", num_key_value_heads=2, tie_word_embeddings=True)
 LLAMA_MHA_UNTIED = dict(kind="llama", num_key_value_heads=4, tie_word_embeddings=False)
-LLAMA3_SCALED = dict(kind="llama", num_key_value_heads=1, tie_word_embeddings=False,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+LLAMA3_SCALED = dict(
+    kind="llama",
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+)
 LLAMA_LINEAR_SCALED = dict(kind="llama", num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})
 QWEN2 = dict(kind="qwen2", num_key_value_heads=2, tie_word_embeddings=False)
 NEOX_QUARTER_ROTARY = dict(kind="gpt_neox", rotary_pct=0.25, use_parallel_residual=True)
@@ -35,12 +50,22 @@ ALL_CONFIGS = {
 }
 
 
-def make_tiny_model(spec: dict, directory: Path, seed: int = 0, vocab_size: int = VOCAB) -> transformers.PreTrainedModel:
+def make_tiny_model(
+    spec: dict, directory: Path, seed: int = 0, vocab_size: int = VOCAB
+) -> transformers.PreTrainedModel:
     """Build, randomly initialise (seeded) and save a tiny model; returns the transformers model in fp32 eval mode."""
     spec = dict(spec)
     kind = spec.pop("kind")
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "gpt_neox":
         rotary_pct = spec.pop("rotary_pct")
         config = transformers.GPTNeoXConfig(**common, rotary_pct=rotary_pct, hidden_act="gelu", **spec)
@@ -74,10 +99,14 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TRAINING_TEXT, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(directory)

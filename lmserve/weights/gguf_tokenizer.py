@@ -43,8 +43,9 @@ _QWEN2_STYLE = _PreTokenizer((_QWEN2,))
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _DEFAULT,
     **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "exaone4"), _GPT2_STYLE),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-                    _DIGITS_THEN_GPT2),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), _DIGITS_THEN_GPT2
+    ),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), _LLAMA3_STYLE),
     **dict.fromkeys(("dbrx", "smaug-bpe"), _PreTokenizer((_LLAMA3,))),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2_STYLE),
@@ -70,14 +71,18 @@ def build_tokenizer(fields: Mapping[str, ReaderField], path: Path) -> Tokenizer:
     tokens: list[str] = fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(merge.split(" ", 1)) for merge in _value(fields, "tokenizer.ggml.merges") or ()]
 
-    tokenizer = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                              ignore_merges=pre.ignore_merges))
+    tokenizer = Tokenizer(
+        BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=pre.ignore_merges)
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in pre.splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    _add_whole_tokens(tokenizer, tokens, _value(fields, "tokenizer.ggml.token_type") or ())
+    token_types = _value(fields, "tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    if len(token_types) != len(tokens):
+        raise ModelLoadError(f"{path}: {len(token_types)} token types for {len(tokens)} tokens")
+    _add_whole_tokens(tokenizer, tokens, token_types)
     post = _post_processor(tokens, fields, pre)
     if post is not None:
         tokenizer.post_processor = post

@@ -1,0 +1,72 @@
+"""Engine options (vLLM's names) and sizing the KV block pool from a memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmserve.config import ModelConfig
+
+GiB = 1 << 30
+AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None          # default: the model's context
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    num_kv_blocks: int | None = None           # exact override, like vLLM's num_gpu_blocks_override
+    kv_cache_memory_gb: float | None = None    # budget for the KV cache; default: a share of free memory
+    scheduling_policy: str = "fcfs"            # or "priority"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 * GiB
+
+
+def choose_num_blocks(config: EngineConfig, model: ModelConfig, max_model_len: int, dtype: torch.dtype,
+                      device: torch.device) -> int:
+    """The pool size: the exact override, else the budget in GiB, else a share of free memory, never more than
+    max_num_seqs full-length sequences need and never less than one full-length sequence."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    block_bytes = kv_bytes_per_token(model, dtype) * config.block_size
+    blocks_per_seq = -(-max_model_len // config.block_size)
+    if config.kv_cache_memory_gb is not None:
+        blocks = int(config.kv_cache_memory_gb * GiB // block_bytes)
+        if blocks < blocks_per_seq:
+            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds {blocks} blocks, fewer than one "
+                             f"sequence of max_model_len={max_model_len} needs ({blocks_per_seq})")
+        return blocks
+    budget = int(available_memory(device) * AUTO_KV_FRACTION) // block_bytes
+    return max(blocks_per_seq, min(budget, blocks_per_seq * config.max_num_seqs))

@@ -1,0 +1,39 @@
+"""Shared pieces of the engine tests: prompts of mixed lengths, transformers references, block accounting."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from lmserve.llm import LLM
+
+
+def mixed_prompts(count: int = 20, seed: int = 0, vocab: int = 300) -> list[list[int]]:
+    """Prompts from 1 to 70 tokens; a third of them share a 40-token prefix, some are exact repeats."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, vocab) for _ in range(40)]
+    prompts = []
+    for i in range(count):
+        own = [rng.randrange(3, vocab) for _ in range(rng.choice([1, 2, 5, 13, 30]))]
+        prompts.append(shared + own if i % 3 == 0 else own + [rng.randrange(3, vocab) for _ in range(i * 2)])
+    prompts.append(list(prompts[0]))
+    return prompts
+
+
+def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy generation, one prompt at a time, no EOS stop."""
+    outputs = []
+    for prompt in prompts:
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+def assert_all_blocks_free(llm: LLM) -> None:
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+    assert stats.num_requests_running == 0 and stats.num_requests_waiting == 0
+    assert all(b.ref_count == 0 for b in llm.engine.block_manager.blocks)
