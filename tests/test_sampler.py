@@ -80,10 +80,8 @@ def kept(params: SamplingParams, probs: list[float] = PROBS) -> set[int]:
     return set(torch.isfinite(truncate(logits, batch_of([Row(params)], len(probs))))[0].nonzero().flatten().tolist())
 
 
-@pytest.mark.parametrize(
-    "top_p, expected",
-    [(0.45, {0}), (0.55, {0, 1}), (0.7, {0, 1}), (0.8, {0, 1, 2}), (0.95, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})],
-)
+@pytest.mark.parametrize("top_p, expected", [(0.45, {0}), (0.55, {0, 1}), (0.7, {0, 1}), (0.8, {0, 1, 2}),
+                                             (0.95, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})])
 def test_top_p_keeps_smallest_set_reaching_p(top_p, expected):
     assert kept(SamplingParams(top_p=top_p)) == expected
 
@@ -96,16 +94,17 @@ def reference_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
     return {t for t, q in zip(order[:nucleus], probs[:nucleus].tolist(), strict=True) if q >= p.min_p * probs[0]}
 
 
-def test_truncation_matches_reference_including_wide_nuclei():
-    """Flat rows have nuclei wider than the top-k window the sampler searches first: it must fall back to a sort."""
+@pytest.mark.parametrize("vocab_size", [3000, 20000])
+def test_truncation_matches_reference_including_wide_nuclei(vocab_size):
+    """Flatter rows have nuclei wider than the top-k windows searched first: the sampler must widen or sort."""
     settings = [SamplingParams(top_p=0.9), SamplingParams(top_p=0.3), SamplingParams(top_k=5, top_p=0.5),
                 SamplingParams(min_p=0.05), SamplingParams(top_k=50, min_p=0.2), SamplingParams(),
                 SamplingParams(top_k=1500, top_p=0.8), SamplingParams(temperature=0)]
-    for scale in (0.05, 5.0):
-        logits = torch.randn(len(settings), 3000) * scale
-        got = truncate(logits, batch_of([Row(p) for p in settings], 3000))
+    for scale in (0.05, 1.0, 5.0):
+        logits = torch.randn(len(settings), vocab_size) * scale
+        got = truncate(logits, batch_of([Row(p) for p in settings], vocab_size))
         for row, p in enumerate(settings):
-            expected = set(range(3000)) if p.greedy else reference_kept(logits[row], p)
+            expected = set(range(vocab_size)) if p.greedy else reference_kept(logits[row], p)
             assert set(got[row].isfinite().nonzero().flatten().tolist()) == expected
 
 
@@ -125,17 +124,14 @@ def test_top_k_then_top_p_renormalises():
     assert kept(SamplingParams(top_k=2, top_p=0.5), probs) == {0}  # within the top 2, token 0 has 4/7 >= 0.5
 
 
-@pytest.mark.parametrize(
-    "params, allowed",
-    [
-        (SamplingParams(top_k=3), {4, 0, 1}),
-        (SamplingParams(top_k=1), {4}),
-        (SamplingParams(top_p=0.6), {4, 0}),
-        (SamplingParams(min_p=0.5), {4, 0}),  # exp(1 - 2) = 0.37 < 0.5 <= exp(1.5 - 2)
-        (SamplingParams(top_k=3, min_p=0.5, temperature=0.8), {4, 0}),  # exp(-0.5 / 0.8) = 0.54
-        (SamplingParams(top_k=100), {0, 1, 2, 3, 4}),  # larger than the vocabulary: off
-    ],
-)
+@pytest.mark.parametrize("params, allowed", [
+    (SamplingParams(top_k=3), {4, 0, 1}),
+    (SamplingParams(top_k=1), {4}),
+    (SamplingParams(top_p=0.6), {4, 0}),
+    (SamplingParams(min_p=0.5), {4, 0}),  # exp(1 - 2) = 0.37 < 0.5 <= exp(1.5 - 2)
+    (SamplingParams(top_k=3, min_p=0.5, temperature=0.8), {4, 0}),  # exp(-0.5 / 0.8) = 0.54
+    (SamplingParams(top_k=100), {0, 1, 2, 3, 4}),  # larger than the vocabulary: off
+])
 def test_sampling_stays_in_allowed_set(params, allowed):
     tokens = set(draws(params, [1.5, 1.0, 0.0, -1.0, 2.0]))
     assert tokens <= allowed and len(tokens) == len(allowed)
@@ -151,33 +147,17 @@ def test_mixed_batch_each_row_follows_its_own_settings():
 
 
 def test_penalties_change_logits_exactly():
-    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.5, 3.0, 1.0, 0.0, 0.0, 0.0]])
-    rows = [
-        Row(
-            SamplingParams(
-                repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logit_bias={5: 1.5, 2: -0.5}
-            ),
-            prompt_token_ids=[0, 1],
-            output_token_ids=[2, 2, 0],
-        ),
-        Row(SamplingParams(), prompt_token_ids=[0, 1, 3], output_token_ids=[2]),
-    ]  # no settings: untouched
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, 0.0, 0.0, 0.0]]).repeat(2, 1)
+    penalised = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                               logit_bias={5: 1.5, 2: -0.5})
+    rows = [Row(penalised, prompt_token_ids=[0, 1], output_token_ids=[2, 2, 0]),
+            Row(SamplingParams(), prompt_token_ids=[0, 1, 3], output_token_ids=[2])]  # no settings: untouched
     out = apply_penalties(logits, batch_of(rows, 8))
-    expected = torch.tensor(
-        [
-            [
-                2.0 / 2 - 0.5 - 0.25,  # in prompt and output once: repetition, frequency, presence
+    expected = [2.0 / 2 - 0.5 - 0.25,  # in prompt and output once: repetition, frequency, presence
                 -1.0 * 2,  # prompt only, negative: multiplied
                 0.0 / 2 - 2 * 0.5 - 0.25,  # bias first (0.5 - 0.5), then penalties; twice in output
-                3.0,
-                1.0,
-                1.5,
-                0.0,
-                0.0,
-            ]
-        ]
-    )
-    assert torch.allclose(out[0], expected[0]) and torch.equal(out[1], logits[1])
+                3.0, 1.0, 1.5, 0.0, 0.0]
+    assert torch.allclose(out[0], torch.tensor(expected)) and torch.equal(out[1], logits[1])
     assert logits[0, 0] == 2.0  # raw logits are not modified
 
 
@@ -241,11 +221,8 @@ def test_seed_without_generator_is_an_error():
 
 def test_logprobs_of_raw_logits_with_ranks_and_top_k():
     logits = torch.randn(3, 30)
-    rows = [
-        Row(SamplingParams(logprobs=5, temperature=0, logit_bias={4: 100})),  # forced token, low raw rank
-        Row(SamplingParams(logprobs=0)),
-        Row(SamplingParams()),
-    ]
+    rows = [Row(SamplingParams(logprobs=5, temperature=0, logit_bias={4: 100})),  # forced token, low raw rank
+            Row(SamplingParams(logprobs=0)), Row(SamplingParams())]
     out = sample(rows, logits)
     reference = logits.log_softmax(-1)
     assert out.token_ids[0] == 4

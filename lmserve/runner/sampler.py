@@ -67,7 +67,8 @@ def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch, size: int) -> tuple
     """The window of each row's `size` best logits, and the per-row logit threshold of its top-k and top-p rules.
 
     Top-p applies after top-k, renormalised over the top k (as vLLM). A row's nucleus is the fewest best tokens
-    whose probability reaches top_p; when one is wider than the window, this reruns over the sorted vocabulary.
+    whose probability reaches top_p; when one is wider than the window, this reruns with a 16 times wider one (a
+    top-k is far cheaper than a sort on CPU), and over the sorted vocabulary at last.
     """
     vocab = logits.shape[-1]
     values, token_ids = logits.topk(size, dim=-1) if size < vocab else logits.sort(dim=-1, descending=True)
@@ -88,7 +89,7 @@ def _top_k_top_p(logits: torch.Tensor, batch: SamplingBatch, size: int) -> tuple
         below = ((values - norm).exp().cumsum(-1) < batch.top_p).sum(-1, keepdim=True)
         inside = batch.top_p.isfinite() & (below < size)  # uses top-p, and the token that reaches it is in the window
         if size < vocab and bool((batch.top_p.isfinite() & ~inside & ~covered).any()):
-            return _top_k_top_p(logits, batch, vocab)
+            return _top_k_top_p(logits, batch, min(size * 16, vocab))
         threshold = torch.where(inside, torch.maximum(threshold, values.gather(1, below.clamp(max=size - 1))),
                                 threshold)
         covered |= inside
