@@ -8,8 +8,8 @@ for token. Freed blocks keep their cached contents and are reused least-recently
 from __future__ import annotations
 
 import hashlib
-from array import array
 import os
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
