@@ -133,8 +133,8 @@ def test_logprobs_and_prompt_logprobs(llm):
     for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
         assert entry[token].rank == 1  # greedy picks the most likely token
         assert sorted(lp.rank for lp in entry.values()) == [1, 2, 3]
-    assert completion.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in
-                                                              zip(completion.token_ids, completion.logprobs, strict=True)))
+    chosen = [e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs, strict=True)]
+    assert completion.cumulative_logprob == pytest.approx(sum(chosen))
 
 
 def test_echo_only_prompt_logprobs_with_zero_max_tokens(llm):
