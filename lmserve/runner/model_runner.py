@@ -10,7 +10,8 @@ from lmserve.engine.scheduler import ScheduledBatch
 from lmserve.engine.sequence import Sequence
 from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.loader import LoadedModel
-from lmserve.runner.sampler import Sampler, SamplerOutput, SamplingBatch, prompt_logprobs
+from lmserve.runner.sampler import Sampler, SamplerOutput, prompt_logprobs
+from lmserve.runner.sampling_batch import SamplingBatch
 
 
 @dataclass

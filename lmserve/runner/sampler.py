@@ -1,8 +1,10 @@
 """Batched next-token choice: logits processors, then argmax or truncated sampling, plus log-probs.
 
 Every stage is one tensor operation over the batch whatever mix of settings the rows carry, and runs only when some
-row needs it. The one per-row Python loop draws the noise of seeded rows from their own generators, so a seeded
-request gets the same tokens whatever else shares its batch.
+row needs it. Top-k and top-p look at each row's best tokens through a top-k window rather than a sort of the
+vocabulary (far cheaper on CPU), and the draw stays inside that window when every row's kept set fits in it. The one
+per-row Python loop draws the noise of seeded rows from their own generators, so a seeded request gets the same
+tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class SamplerOutput:
 
 
 class TokenLogprob(NamedTuple):
+    """What one prompt position reports: how likely the token that follows was, and the likeliest alternatives."""
+
     logprob: float
     rank: int  # 1 = most likely
     top: list[tuple[int, float]]  # the k most likely (token id, log-prob), best first
@@ -118,17 +122,18 @@ def truncate(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits if threshold is None else logits.masked_fill(logits < threshold, -torch.inf)
 
 
-def _race(probs: torch.Tensor, batch: SamplingBatch, token_ids: torch.Tensor | None) -> torch.Tensor:
+def _race(logits: torch.Tensor, batch: SamplingBatch, token_ids: torch.Tensor | None) -> torch.Tensor:
     """Exponential race: argmax(p / q) with q = -log(U) ~ Exp(1) picks column i with probability p_i.
 
-    Seeded rows draw U for the whole vocabulary, in token order, from their own generator and keep their columns'
-    share (`token_ids` maps columns to tokens when `probs` covers a window), so their pick never depends on the batch.
+    Taken in log space, argmax(logits - log q), it needs no softmax. Seeded rows draw U for the whole vocabulary,
+    in token order, from their own generator and keep their columns' share (`token_ids` maps columns to tokens when
+    `logits` is a window), so their pick never depends on the batch.
     """
-    uniform = torch.rand_like(probs) if batch.any_unseeded else torch.zeros_like(probs)  # 0: q = inf, never picked
+    uniform = torch.rand_like(logits) if batch.any_unseeded else torch.zeros_like(logits)  # 0: q = inf, never wins
     for row, generator in batch.generators:
-        draw = torch.rand(batch.vocab_size, generator=generator, device=probs.device)
+        draw = torch.rand(batch.vocab_size, generator=generator, device=logits.device)
         uniform[row] = draw if token_ids is None else draw[token_ids[row]]
-    return probs.div_(uniform.log_().neg_()).argmax(-1)
+    return (logits - uniform.log_().neg_().log_()).argmax(-1)
 
 
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -136,11 +141,9 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits / batch.temperature
     threshold, window = _cutoff(logits, batch)
     if window is not None and window.covered:  # sample among the window's tokens only
-        probs = window.values.masked_fill(window.values < threshold, -torch.inf).softmax(-1)
-        return window.token_ids.gather(1, _race(probs, batch, window.token_ids).unsqueeze(1)).squeeze(1)
-    if threshold is not None:
-        logits = logits.masked_fill(logits < threshold, -torch.inf)
-    return _race(logits.softmax(-1), batch, None)
+        kept = window.values.masked_fill(window.values < threshold, -torch.inf)
+        return window.token_ids.gather(1, _race(kept, batch, window.token_ids).unsqueeze(1)).squeeze(1)
+    return _race(logits if threshold is None else logits.masked_fill(logits < threshold, -torch.inf), batch, None)
 
 
 def _logprob_tensors(raw_logits: torch.Tensor, token_ids: torch.Tensor, k: int
@@ -168,8 +171,9 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        if logits.shape[0] != batch.num_rows:
-            raise ValueError(f"logits have {logits.shape[0]} rows but the sampling batch has {batch.num_rows}")
+        if logits.shape != (batch.num_rows, batch.vocab_size):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match the sampling batch's "
+                             f"{batch.num_rows} rows x {batch.vocab_size} tokens")
         processed = apply_penalties(logits, batch)
         if batch.all_greedy:
             token_ids = processed.argmax(-1)

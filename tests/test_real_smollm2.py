@@ -1,0 +1,81 @@
+"""The bundled SmolLM2-135M-Instruct GGUF, loaded by lmserve and by transformers' own GGUF loader, agrees:
+fp32 logits, greedy continuations (stopgap path and engine under chunked prefill), and a sensible chat reply."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from lmserve.generate import greedy_generate, prompt_logits
+from lmserve.llm import LLM
+from lmserve.sampling_params import SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a land far away,",
+           "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf):
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("smollm2-135m-instruct", max_num_batched_tokens=7, num_kv_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(reference):
+    _, tokenizer = reference
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference_greedy(reference, prompt_ids):
+    model, _ = reference
+    outputs = []
+    for ids in prompt_ids:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        outputs.append(out[0, len(ids):].tolist())
+    return outputs
+
+
+def test_logits_match_transformers_gguf_loader(reference, prompt_ids, llm):
+    model, _ = reference
+    ours = prompt_logits(llm.engine.lm, prompt_ids)
+    for ids, logits in zip(prompt_ids, ours, strict=True):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0]
+        assert (logits - expected).abs().max().item() < 1e-3
+
+
+def test_greedy_continuation_matches(llm, prompt_ids, reference_greedy):
+    assert greedy_generate(llm.engine.lm, prompt_ids, 32, stop_token_ids=set()) == reference_greedy
+
+
+def test_engine_greedy_with_chunked_prefill_matches(llm, prompt_ids, reference_greedy):
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == reference_greedy
+    assert llm.engine.stats().kv_blocks_used == 0
+
+
+def test_chat_reply_mentions_paris(llm):
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                     SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in reply.text and reply.finish_reason == "stop"
+
+
+def test_readme_main_command_answers():
+    result = subprocess.run([sys.executable, "-m", "lmserve.cli", "generate", "What is the capital of France?"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
