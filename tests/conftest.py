@@ -11,7 +11,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import ALL_CONFIGS, make_tiny_model  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The team's shared/data folder: beside the checkout (../shared), or the workplace's /work/shared."""
+    candidates = [parent / "shared" / "data" for parent in Path(__file__).resolve().parents]
+    return next((c for c in [*candidates, Path("/work/shared/data")] if c.is_dir()), candidates[1])
+
+
+SHARED_DATA = _shared_data()
 PYTHIA_TOKENIZER = SHARED_DATA / "pythia-20B_tokenizer.json"
 
 
