@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import ALL_CONFIGS, make_tiny_model  # noqa: E402
-
+from tiny_models import ALL_CONFIGS, make_tiny_model
 
 
 def _shared_data() -> Path:

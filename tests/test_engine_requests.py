@@ -171,3 +171,19 @@ def test_priority_scheduling_runs_urgent_requests_first(model_dir):
                            priority=[5, 0, 9], use_tqdm=False)
     order = sorted(range(3), key=lambda i: outputs[i].metrics.first_token_time)
     assert order == [1, 0, 2]
+
+
+def test_cache_salt_isolates_prefix_cache_entries(llm):
+    engine, prompt = llm.engine, {"prompt_token_ids": list(range(10, 50))}
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def run(request_id: str, salt: str | None) -> int:
+        engine.add_request(request_id, prompt, params, cache_salt=salt)
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+        return outputs[0].metrics.num_cached_tokens
+
+    assert run("a", "tenant-1") == 0
+    assert run("b", "tenant-2") == 0
+    assert run("c", None) == 0
+    assert run("d", "tenant-1") == 36  # 9 full blocks of 4, the last prompt token always recomputed

@@ -3,36 +3,36 @@
 from __future__ import annotations
 
 import torch
+from model_helpers import prompt_logits, relative_error
+from tiny_models import LLAMA_MHA_UNTIED, make_tiny_model
 
-from lmserve.generate import greedy_generate, prompt_logits
+from lmserve.llm import LLM
 from lmserve.loader import load_model
+from lmserve.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 33, 9, 100, 200, 3], [8, 9], [44, 45] * 20, [7], list(range(10, 60))]
+GREEDY_32 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
+def reference_logits(model, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0]
 
 
 def test_batched_logits_match_transformers(tiny_model):
     directory, reference = tiny_model
-    lm = load_model(str(directory))
-    ours = prompt_logits(lm, PROMPTS)
+    ours = prompt_logits(load_model(str(directory)), PROMPTS)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
-        with torch.no_grad():
-            expected = reference(torch.tensor([prompt])).logits[0]
-        assert relative_error(logits, expected) < 1e-4
+        assert relative_error(logits, reference_logits(reference, prompt)) < 1e-4
 
 
 def test_greedy_tokens_match_transformers(tiny_model):
     directory, reference = tiny_model
-    lm = load_model(str(directory))
-    ours = greedy_generate(lm, PROMPTS, 32, stop_token_ids=set())
-    for prompt, tokens in zip(PROMPTS, ours, strict=True):
-        expected = reference.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-        assert tokens == expected[0, len(prompt) :].tolist()
+    outputs = LLM(str(directory)).generate(PROMPTS, GREEDY_32, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
 
 
 def test_bfloat16_stays_close_to_float32(tiny_model):
@@ -40,4 +40,15 @@ def test_bfloat16_stays_close_to_float32(tiny_model):
     full = prompt_logits(load_model(str(directory)), PROMPTS[:2])
     half = prompt_logits(load_model(str(directory), dtype="bfloat16"), PROMPTS[:2])
     for a, b in zip(full, half, strict=True):
-        assert half[0].dtype == torch.float32 and relative_error(b, a) < 0.05
+        assert b.dtype == torch.float32 and relative_error(b, a) < 0.05
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    reference = make_tiny_model(LLAMA_MHA_UNTIED, tmp_path / "single")
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "sharded" / name).write_bytes((tmp_path / "single" / name).read_bytes())
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    ours = prompt_logits(load_model(str(tmp_path / "sharded")), PROMPTS[:1])[0]
+    assert relative_error(ours, reference_logits(reference, PROMPTS[0])) < 1e-4

@@ -1,5 +1,5 @@
 """The bundled SmolLM2-135M-Instruct GGUF, loaded by lmserve and by transformers' own GGUF loader, agrees:
-fp32 logits, greedy continuations (stopgap path and engine under chunked prefill), and a sensible chat reply."""
+fp32 logits, greedy continuations (through the engine, under chunked prefill), and a sensible chat reply."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 import transformers
+from model_helpers import prompt_logits
 
-from lmserve.generate import greedy_generate, prompt_logits
 from lmserve.llm import LLM
 from lmserve.sampling_params import SamplingParams
 
@@ -55,10 +55,6 @@ def test_logits_match_transformers_gguf_loader(reference, prompt_ids, llm):
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0]
         assert (logits - expected).abs().max().item() < 1e-3
-
-
-def test_greedy_continuation_matches(llm, prompt_ids, reference_greedy):
-    assert greedy_generate(llm.engine.lm, prompt_ids, 32, stop_token_ids=set()) == reference_greedy
 
 
 def test_engine_greedy_with_chunked_prefill_matches(llm, prompt_ids, reference_greedy):

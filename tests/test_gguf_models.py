@@ -1,0 +1,63 @@
+"""Tiny models written as GGUF (F32, F16, Q8_0) load through lmserve and match transformers running the same
+dequantized weights: fp32 logits and greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from gguf_export import export_gguf
+from model_helpers import prompt_logits, relative_error
+from tiny_models import ALL_CONFIGS, make_tiny_model
+
+from lmserve.llm import LLM
+from lmserve.loader import load_model
+from lmserve.sampling_params import SamplingParams
+from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
+
+PROMPTS = [[5, 17, 33, 9, 100, 200, 3], [8, 9], list(range(10, 60))]
+CONFIGS = ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias", "neox-rotary-0.25", "neox-rotary-1.0-sequential"]
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gguf_model_matches_transformers(tmp_path, name, qtype):
+    original = make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    export_gguf(tmp_path / "hf", path, qtype)
+    reference = type(original)(original.config).eval()  # the same architecture on the GGUF's dequantized weights
+    weights = dict(GGUFCheckpoint(path).tensors(torch.float32))
+    if "embed_out.weight" in weights:  # saved files call GPT-NeoX's head embed_out, transformers 5 modules lm_head
+        weights["lm_head.weight"] = weights.pop("embed_out.weight")
+    missing, unexpected = reference.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    assert not missing or original.config.tie_word_embeddings
+    reference.tie_weights()
+    if qtype == "F32":
+        assert all(torch.equal(weights[k], v) for k, v in original.state_dict().items() if k not in missing)
+
+    ours = prompt_logits(load_model(str(path)), PROMPTS)
+    for prompt, logits in zip(PROMPTS, ours, strict=True):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        assert relative_error(logits, expected) < 1e-4
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = LLM(str(path)).generate(PROMPTS, params, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+
+
+def test_transformers_loads_our_exported_files_too(tmp_path):
+    """The exporter writes what llama.cpp would: transformers' own GGUF reader agrees with ours on it."""
+    make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
+    path = tmp_path / "tiny.gguf"
+    export_gguf(tmp_path / "hf", path, "Q8_0")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ours = prompt_logits(load_model(str(path)), PROMPTS)
+    for prompt, logits in zip(PROMPTS, ours, strict=True):
+        with torch.no_grad():
+            expected = theirs(torch.tensor([prompt])).logits[0]
+        assert relative_error(logits, expected) < 1e-4
