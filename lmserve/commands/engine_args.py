@@ -1,0 +1,37 @@
+"""Engine options on the command line, in vLLM's spelling, shared by every command that runs a model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lmserve.weights.resolve import DEFAULT_MODEL
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    if positional_model:
+        parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                            help=f"directory, .gguf file or bundled model name (default: {DEFAULT_MODEL})")
+    else:
+        parser.add_argument("--model", default=DEFAULT_MODEL, help="directory, .gguf file or bundled model name")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path, when not the model's own")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB")
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        default=None)
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
+
+
+_OPTIONS = ["model", "tokenizer", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+            "block_size", "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching", "scheduling_policy"]
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig keyword arguments the user actually gave (the rest keep the engine's defaults)."""
+    return {name: getattr(args, name) for name in _OPTIONS if getattr(args, name, None) is not None}
