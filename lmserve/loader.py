@@ -10,6 +10,7 @@ from torch import nn
 
 from lmserve.config import ModelConfig
 from lmserve.models.registry import build_model
+from lmserve.platform import auto_dtype
 from lmserve.weights import hf_dir
 from lmserve.weights.resolve import resolve_model_path
 from lmserve.weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -35,19 +36,22 @@ class LoadedModel:
         return ids
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not supported; choose one of {sorted(DTYPES)}")
+        raise ValueError(f"dtype '{dtype}' is not supported; choose 'auto' or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
-def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "float32",
+def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
                device: str = "cpu") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path."""
     path = resolve_model_path(model)
-    torch_dtype, torch_device = parse_dtype(dtype), torch.device(device)
+    torch_device = torch.device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
     if path.suffix == ".gguf":
         from lmserve.weights.gguf_checkpoint import GGUFCheckpoint  # the gguf reader is only needed here
 

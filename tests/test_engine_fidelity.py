@@ -39,7 +39,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_greedy_matches_transformers(model_and_reference, shape):
     directory, prompts, expected = model_and_reference
-    llm = LLM(str(directory), **SHAPES[shape])
+    llm = LLM(str(directory), dtype="float32", **SHAPES[shape])
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)

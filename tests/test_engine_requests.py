@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def llm(model_dir):
-    return LLM(str(model_dir), block_size=4, max_num_batched_tokens=32, num_kv_blocks=200)
+    return LLM(str(model_dir), dtype="float32", block_size=4, max_num_batched_tokens=32, num_kv_blocks=200)
 
 
 def test_aborts_at_random_points_free_every_block(llm):
@@ -55,7 +55,7 @@ def test_prefix_cache_hits_rise_and_never_change_outputs(model_dir, llm):
     assert stats.prefix_cache_hits - before >= 5 * 48  # 12 full blocks of 4 shared by each later prompt
     assert stats.kv_blocks_cached_free > 0
     assert all(o.metrics.num_cached_tokens == 48 for o in rest)
-    uncached = LLM(str(model_dir), block_size=4, enable_prefix_caching=False, num_kv_blocks=200)
+    uncached = LLM(str(model_dir), dtype="float32", block_size=4, enable_prefix_caching=False, num_kv_blocks=200)
     expected = uncached.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in first + rest] == [o.outputs[0].token_ids for o in expected]
     assert uncached.engine.stats().prefix_cache_hits == 0
@@ -82,10 +82,10 @@ def test_n_completions_share_the_prompt_blocks(llm):
 def test_seeded_sampling_ignores_batch_composition(model_dir):
     prompt = {"prompt_token_ids": [5, 6, 7, 8, 9]}
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True)
-    alone = LLM(str(model_dir)).generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    alone = LLM(str(model_dir), dtype="float32").generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
     others = [{"prompt_token_ids": p} for p in mixed_prompts(8, seed=5)]
     noisy = SamplingParams(temperature=1.2, max_tokens=16, ignore_eos=True)
-    batch = LLM(str(model_dir), max_num_batched_tokens=16).generate(
+    batch = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=16).generate(
         others[:4] + [prompt] + others[4:], [noisy] * 4 + [seeded] + [noisy] * (len(others) - 4),
         use_tqdm=False)
     assert batch[4].outputs[0].token_ids == alone
@@ -166,7 +166,7 @@ def test_bad_input_raises_clear_value_error(llm, prompt, params, match):
 
 
 def test_priority_scheduling_runs_urgent_requests_first(model_dir):
-    llm = LLM(str(model_dir), max_num_seqs=1, scheduling_policy="priority")
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=1, scheduling_policy="priority")
     outputs = llm.generate([[5, 6], [7, 8], [9, 10]], SamplingParams(max_tokens=3, ignore_eos=True),
                            priority=[5, 0, 9], use_tqdm=False)
     order = sorted(range(3), key=lambda i: outputs[i].metrics.first_token_time)

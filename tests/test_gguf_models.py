@@ -36,14 +36,14 @@ def test_gguf_model_matches_transformers(tmp_path, name, qtype):
     if qtype == "F32":
         assert all(torch.equal(weights[k], v) for k, v in original.state_dict().items() if k not in missing)
 
-    ours = prompt_logits(load_model(str(path)), PROMPTS)
+    ours = prompt_logits(load_model(str(path), dtype="float32"), PROMPTS)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt])).logits[0]
         assert relative_error(logits, expected) < 1e-4
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outputs = LLM(str(path)).generate(PROMPTS, params, use_tqdm=False)
+    outputs = LLM(str(path), dtype="float32").generate(PROMPTS, params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
@@ -56,7 +56,7 @@ def test_transformers_loads_our_exported_files_too(tmp_path):
     path = tmp_path / "tiny.gguf"
     export_gguf(tmp_path / "hf", path, "Q8_0")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
-    ours = prompt_logits(load_model(str(path)), PROMPTS)
+    ours = prompt_logits(load_model(str(path), dtype="float32"), PROMPTS)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             expected = theirs(torch.tensor([prompt])).logits[0]

@@ -21,14 +21,14 @@ def reference_logits(model, prompt: list[int]) -> torch.Tensor:
 
 def test_batched_logits_match_transformers(tiny_model):
     directory, reference = tiny_model
-    ours = prompt_logits(load_model(str(directory)), PROMPTS)
+    ours = prompt_logits(load_model(str(directory), dtype="float32"), PROMPTS)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         assert relative_error(logits, reference_logits(reference, prompt)) < 1e-4
 
 
 def test_greedy_tokens_match_transformers(tiny_model):
     directory, reference = tiny_model
-    outputs = LLM(str(directory)).generate(PROMPTS, GREEDY_32, use_tqdm=False)
+    outputs = LLM(str(directory), dtype="float32").generate(PROMPTS, GREEDY_32, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
@@ -37,7 +37,7 @@ def test_greedy_tokens_match_transformers(tiny_model):
 
 def test_bfloat16_stays_close_to_float32(tiny_model):
     directory, _ = tiny_model
-    full = prompt_logits(load_model(str(directory)), PROMPTS[:2])
+    full = prompt_logits(load_model(str(directory), dtype="float32"), PROMPTS[:2])
     half = prompt_logits(load_model(str(directory), dtype="bfloat16"), PROMPTS[:2])
     for a, b in zip(full, half, strict=True):
         assert b.dtype == torch.float32 and relative_error(b, a) < 0.05
@@ -50,5 +50,5 @@ def test_sharded_safetensors_with_index(tmp_path):
         (tmp_path / "sharded" / name).write_bytes((tmp_path / "single" / name).read_bytes())
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
-    ours = prompt_logits(load_model(str(tmp_path / "sharded")), PROMPTS[:1])[0]
+    ours = prompt_logits(load_model(str(tmp_path / "sharded"), dtype="float32"), PROMPTS[:1])[0]
     assert relative_error(ours, reference_logits(reference, PROMPTS[0])) < 1e-4

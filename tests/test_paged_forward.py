@@ -43,7 +43,7 @@ def run_schedule(lm, prompts, chunk_sizes, block_size, seed):
 @pytest.mark.parametrize("chunk_sizes,block_size", [([1], 4), ([5, 3, 1], 4), ([7], 16), ([2, 64], 1)])
 def test_chunked_paged_logits_match_transformers(tiny_model, chunk_sizes, block_size):
     directory, reference = tiny_model
-    lm = load_model(str(directory))
+    lm = load_model(str(directory), dtype="float32")
     ours = run_schedule(lm, PROMPTS, chunk_sizes, block_size, seed=len(chunk_sizes))
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():

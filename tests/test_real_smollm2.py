@@ -28,7 +28,7 @@ def reference(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2-135m-instruct", max_num_batched_tokens=7, num_kv_blocks=64)
+    return LLM("smollm2-135m-instruct", dtype="float32", max_num_batched_tokens=7, num_kv_blocks=64)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     else:
         parser.add_argument("--model", default=DEFAULT_MODEL, help="directory, .gguf file or bundled model name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path, when not the model's own")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on hardware with fast bf16 (AVX512-BF16, AMX, recent GPUs), else float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lmserve.config import ModelConfig
+from lmserve.platform import GiB, available_memory
 
-GiB = 1 << 30
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
 
 
@@ -17,7 +16,7 @@ AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     tokenizer: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"                        # bf16 where the hardware runs it fast, else fp32
     device: str = "cpu"
     max_model_len: int | None = None          # default: the model's context
     max_num_seqs: int = 256
@@ -41,17 +40,6 @@ class EngineConfig:
 
 def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 4 * GiB
 
 
 def choose_num_blocks(config: EngineConfig, model: ModelConfig, max_model_len: int, dtype: torch.dtype,
