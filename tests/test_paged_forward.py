@@ -56,8 +56,7 @@ def test_metadata_describes_mixed_step():
     meta = AttentionMetadata.build([1, 2], [4, 6], [[5, 1], [0, 3, 2]], block_size=2)
     assert meta.positions.tolist() == [3, 4, 5]
     assert meta.slot_mapping.tolist() == [1 * 2 + 1, 2 * 2 + 0, 2 * 2 + 1]
-    assert meta.context_slots[0, :4].tolist() == [10, 11, 2, 3]
-    assert meta.context_slots[1].tolist() == [0, 1, 6, 7, 4, 5]
+    assert meta.block_tables.tolist() == [[5, 1, 0], [0, 3, 2]]
     assert meta.mask[0, 0, 0].tolist() == [True] * 4 + [False] * 2
     assert meta.mask[1, 0, 0].tolist() == [True] * 5 + [False]
     assert meta.mask[1, 0, 1].tolist() == [True] * 6

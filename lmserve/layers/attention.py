@@ -35,10 +35,11 @@ class AttentionMetadata:
 
     positions: torch.Tensor      # [tokens] position of each new token in its sequence
     slot_mapping: torch.Tensor   # [tokens] cache slot each new token's K/V is written to
-    context_slots: torch.Tensor  # [seqs, max_context] cache slots each sequence reads (padding points at slot 0)
-    mask: torch.Tensor           # [seqs, 1, max_query, max_context] True where attention is allowed
+    block_tables: torch.Tensor   # [seqs, max_blocks] blocks each sequence reads, padded with block 0
+    mask: torch.Tensor           # [seqs, 1, max_query, max_blocks * block_size] True where attention is allowed
     query_index: torch.Tensor    # [tokens] row of each token in the padded [seqs * max_query] layout
     max_query_len: int
+    block_size: int
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
@@ -58,10 +59,9 @@ class AttentionMetadata:
         positions = (ctx_lens - q_lens)[seq_of_token] + offset_in_query
         slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
 
-        key_pos = torch.arange(max_ctx)
+        tables = tables[:, : -(-max_ctx // block_size)]
+        key_pos = torch.arange(tables.shape[1] * block_size)
         key_valid = key_pos[None, :] < ctx_lens[:, None]
-        context_slots = tables[:, (key_pos // block_size).clamp(max=max_blocks - 1)] * block_size + key_pos % block_size
-        context_slots = torch.where(key_valid, context_slots, 0)
 
         query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]
         query_valid = torch.arange(max_q)[None, :] < q_lens[:, None]
@@ -70,10 +70,11 @@ class AttentionMetadata:
         return cls(
             positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
-            context_slots=context_slots.to(device),
+            block_tables=tables.to(device),
             mask=mask[:, None].to(device),
             query_index=(seq_of_token * max_q + offset_in_query).to(device),
             max_query_len=max_q,
+            block_size=block_size,
         )
 
 
@@ -82,16 +83,36 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Store this step's k/v ([tokens, kv_heads, head_dim]) and attend; returns [tokens, heads * head_dim]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    num_seqs, max_q = meta.context_slots.shape[0], meta.max_query_len
+    keys, values = _gather_context(k_cache, meta), _gather_context(v_cache, meta)
+    if meta.max_query_len == 1:
+        return _decode_attention(q, keys, values, meta.mask, scale)
+    num_seqs, max_q = meta.block_tables.shape[0], meta.max_query_len
     tokens, heads, head_dim = q.shape
     if tokens == num_seqs * max_q:  # every sequence has the same query length: no padding needed
         padded_q = q.view(num_seqs, max_q, heads, head_dim)
     else:
         padded_q = q.new_zeros(num_seqs * max_q, heads, head_dim).index_copy_(0, meta.query_index, q)
         padded_q = padded_q.view(num_seqs, max_q, heads, head_dim)
-    keys = k_cache[meta.context_slots].transpose(1, 2)
-    values = v_cache[meta.context_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=meta.mask, scale=scale, enable_gqa=True)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, heads * head_dim)
     return out if tokens == num_seqs * max_q else out[meta.query_index]
+
+
+def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[seqs, max_blocks * block_size, kv_heads, head_dim]: whole blocks copied, not single slots."""
+    _, kv_heads, head_dim = cache.shape
+    blocks = cache.view(-1, meta.block_size * kv_heads * head_dim).index_select(0, meta.block_tables.flatten())
+    return blocks.view(meta.block_tables.shape[0], -1, kv_heads, head_dim)
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence: grouped heads share their kv head in a batched matmul (no repeat of K/V)."""
+    num_seqs, heads, head_dim = q.shape
+    kv_heads = keys.shape[2]
+    grouped_q = q.view(num_seqs, kv_heads, heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped_q, keys.permute(0, 2, 3, 1)) * scale        # [seqs, kv_heads, group, context]
+    scores = scores.masked_fill(~mask, float("-inf"))                          # mask: [seqs, 1, 1, context]
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.transpose(1, 2))  # [seqs, kv_heads, group, head_dim]
+    return out.reshape(num_seqs, heads * head_dim)
