@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from engine_helpers import reference_greedy
 from gguf_export import export_gguf
 from model_helpers import prompt_logits, relative_error
 from tiny_models import ALL_CONFIGS, make_tiny_model
@@ -44,10 +45,7 @@ def test_gguf_model_matches_transformers(tmp_path, name, qtype):
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     outputs = LLM(str(path), dtype="float32").generate(PROMPTS, params, use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
-        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+    assert [o.outputs[0].token_ids for o in outputs] == reference_greedy(reference, PROMPTS, 32)
 
 
 def test_transformers_loads_our_exported_files_too(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from engine_helpers import reference_greedy
 from model_helpers import prompt_logits, relative_error
 from tiny_models import LLAMA_MHA_UNTIED, make_tiny_model
 
@@ -29,10 +30,7 @@ def test_batched_logits_match_transformers(tiny_model):
 def test_greedy_tokens_match_transformers(tiny_model):
     directory, reference = tiny_model
     outputs = LLM(str(directory), dtype="float32").generate(PROMPTS, GREEDY_32, use_tqdm=False)
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
-        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+    assert [o.outputs[0].token_ids for o in outputs] == reference_greedy(reference, PROMPTS, 32)
 
 
 def test_bfloat16_stays_close_to_float32(tiny_model):
