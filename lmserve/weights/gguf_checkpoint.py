@@ -119,7 +119,8 @@ class GGUFCheckpoint:
 
     def _dequantize(self, info: gguf.ReaderTensor) -> torch.Tensor:
         try:
-            values = gguf.quants.dequantize(info.data, info.tensor_type)
+            # a plain ndarray view: slicing the reader's memmap subclass row group by row group is 10x slower
+            values = gguf.quants.dequantize(np.asarray(info.data), info.tensor_type)
         except NotImplementedError as exc:
             raise ModelLoadError(
                 f"{self.path}: tensor {info.name!r} has ggml type {info.tensor_type.name}, which cannot be dequantized"
