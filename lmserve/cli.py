@@ -8,7 +8,7 @@ import sys
 
 from lmserve.weights.errors import ModelLoadError
 
-COMMANDS = ["generate"]
+COMMANDS = ["generate", "serve", "chat"]
 
 
 def main(argv: list[str] | None = None) -> int:

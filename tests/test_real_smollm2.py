@@ -3,13 +3,18 @@ fp32 logits, greedy continuations (through the engine, under chunked prefill), a
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 
+import openai
 import pytest
 import torch
 import transformers
 from model_helpers import prompt_logits
+from server_helpers import wait_healthy
 
 from lmserve.llm import LLM
 from lmserve.sampling_params import SamplingParams
@@ -70,8 +75,32 @@ def test_chat_reply_mentions_paris(llm):
     assert "Paris" in reply.text and reply.finish_reason == "stop"
 
 
-def test_readme_main_command_answers():
-    result = subprocess.run([sys.executable, "-m", "lmserve.cli", "generate", "What is the capital of France?"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+def test_readme_main_command_serves_the_default_model(tmp_path):
+    """`lmserve serve` with no arguments: the default model behind the OpenAI API, answering, then a clean exit."""
+    command = [sys.executable, "-m", "lmserve.cli", "serve", "--port", "0"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            base_url = wait_for_listening(log, process)
+            wait_healthy(base_url, 300, process)
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            reply = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
+                                                   messages=question)
+            assert "Paris" in reply.choices[0].message.content
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def wait_for_listening(log, process, timeout: float = 300.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)/v1", log.read_text(errors="replace"))
+        if match:
+            return match.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"lmserve serve did not start:\n{log.read_text(errors='replace')[-2000:]}")

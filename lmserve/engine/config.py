@@ -10,6 +10,7 @@ from lmserve.config import ModelConfig
 from lmserve.platform import GiB, available_memory
 
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
+AUTO_KV_CPU_CAP = 4 * GiB  # vLLM's CPU default too: beyond it, RAM is better left to the OS and other processes
 
 
 @dataclass
@@ -24,7 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None           # exact override, like vLLM's num_gpu_blocks_override
-    kv_cache_memory_gb: float | None = None    # budget for the KV cache; default: a share of free memory
+    kv_cache_memory_gb: float | None = None    # KV cache budget; default: 1/4 of free memory (CPU: <= 4 GiB)
     scheduling_policy: str = "fcfs"            # or "priority"
     seed: int = 0
 
@@ -56,5 +57,8 @@ def choose_num_blocks(config: EngineConfig, model: ModelConfig, max_model_len: i
             raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds {blocks} blocks, fewer than one "
                              f"sequence of max_model_len={max_model_len} needs ({blocks_per_seq})")
         return blocks
-    budget = int(available_memory(device) * AUTO_KV_FRACTION) // block_bytes
+    budget = int(available_memory(device) * AUTO_KV_FRACTION)
+    if device.type == "cpu":
+        budget = min(budget, AUTO_KV_CPU_CAP)
+    budget //= block_bytes
     return max(blocks_per_seq, min(budget, blocks_per_seq * config.max_num_seqs))

@@ -1,0 +1,37 @@
+"""The KV pool size: exact override, a GiB budget, or an automatic share of free memory, within sane bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve.config import ModelConfig
+from lmserve.engine import config as engine_config
+from lmserve.engine.config import EngineConfig, choose_num_blocks, kv_bytes_per_token
+
+MODEL = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+                             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2}, "test")
+CPU = torch.device("cpu")
+BLOCK_BYTES = kv_bytes_per_token(MODEL, torch.float32) * 16  # 2 layers * 2 * 2 heads * 16 dims * 4 bytes * 16
+
+
+def blocks(monkeypatch, free_bytes: int, **options) -> int:
+    monkeypatch.setattr(engine_config, "available_memory", lambda device: free_bytes)
+    return choose_num_blocks(EngineConfig(**options), MODEL, 256, torch.float32, CPU)
+
+
+def test_override_and_budget(monkeypatch):
+    assert blocks(monkeypatch, 1 << 30, num_kv_blocks=7) == 7
+    assert blocks(monkeypatch, 1 << 30, kv_cache_memory_gb=0.001) == int(0.001 * (1 << 30)) // BLOCK_BYTES
+    with pytest.raises(ValueError, match="kv_cache_memory_gb"):
+        blocks(monkeypatch, 1 << 30, kv_cache_memory_gb=1e-7)
+
+
+def test_auto_is_a_share_of_free_memory_capped_by_need_and_by_4_gib(monkeypatch):
+    per_seq = 256 // 16
+    assert blocks(monkeypatch, 1 << 40, max_num_seqs=4) == 4 * per_seq                 # no more than needed
+    assert blocks(monkeypatch, 1 << 20, max_num_seqs=4) == (1 << 18) // BLOCK_BYTES     # a quarter of free memory
+    assert blocks(monkeypatch, 1 << 10, max_num_seqs=4) == per_seq                      # always one full sequence
+    huge = blocks(monkeypatch, 1 << 40, max_num_seqs=1 << 20)
+    assert huge == (4 << 30) // BLOCK_BYTES                                             # CPU cap
