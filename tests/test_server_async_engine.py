@@ -12,9 +12,10 @@ import httpx
 import pytest
 from server_helpers import API_KEY, ServerThread, assert_error, make_tiny_llama
 
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestAbortedError
+from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.request_stream import EngineDeadError, QueueFullError, RequestAbortedError
 from lmserve.sampling_params import SamplingParams
 
 LONG = SamplingParams(max_tokens=200, ignore_eos=True, temperature=0)

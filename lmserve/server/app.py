@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import lmserve
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.config import EngineConfig
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.request_stream import EngineDeadError
 from lmserve.server import chat, completions, tokenize
 from lmserve.server.auth import APIKeyMiddleware
 from lmserve.server.errors import APIError, error_response

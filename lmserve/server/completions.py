@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmserve.engine.async_engine import RequestStream
+from lmserve.engine.request_stream import RequestStream
 from lmserve.outputs import CompletionOutput, RequestOutput
 from lmserve.sampling_params import SamplingParams
 from lmserve.server.body import parse_body

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from lmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError, QueueFullError, RequestStream
+from lmserve.engine.async_engine import AsyncEngine
 from lmserve.engine.llm_engine import LLMEngine, PromptInput
+from lmserve.engine.request_stream import EngineDeadError, EngineNotReadyError, QueueFullError, RequestStream
 from lmserve.sampling_params import SamplingParams
 from lmserve.server.errors import APIError, from_value_error
 from lmserve.server.logprobs import TokenText

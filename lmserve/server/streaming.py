@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from lmserve.engine.async_engine import RequestStream
 from lmserve.engine.detokenizer import partial_stop_suffix
+from lmserve.engine.request_stream import RequestStream
 from lmserve.outputs import RequestOutput
 
 DONE = b"data: [DONE]\n\n"
