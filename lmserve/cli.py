@@ -8,7 +8,7 @@ import sys
 
 from lmserve.weights.errors import ModelLoadError
 
-COMMANDS = ["generate", "serve", "chat"]
+COMMANDS = ["generate", "serve", "chat", "bench"]
 
 
 def main(argv: list[str] | None = None) -> int:
