@@ -60,14 +60,7 @@ def plot_serve(runs: Sequence[dict[str, Any]], path: str | Path, title: str = ""
         ax.set_ylabel("tokens/s")
         ax.set_title("throughput vs concurrency")
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_bars(panels: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -88,6 +81,11 @@ def plot_bars(panels: Sequence[dict[str, Any]], path: str | Path, title: str = "
         ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
         ax.set_title(panel["title"], fontsize=9)
         ax.set_ylabel(panel.get("unit", ""))
+    return _save(plt, fig, path, title)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    """Title, tidy layout, write the PNG (creating its folder), free the figure."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
