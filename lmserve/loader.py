@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.kernels.native import BLOCK_BYTES, QTYPE_NAMES, kernels_available
+from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
 from lmserve.platform import auto_dtype
 from lmserve.weights import hf_dir
@@ -27,6 +29,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    quantized_types: tuple[str, ...] = ()  # GGUF block types the decode kernels use, e.g. ("Q4_1", "Q8_0")
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -47,8 +50,9 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
-               device: str = "cpu") -> LoadedModel:
-    """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path."""
+               device: str = "cpu", quantization: str = "auto") -> LoadedModel:
+    """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
+    `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not."""
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -66,4 +70,14 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     if tok is None:
         tok = load_tokenizer(Path(tokenizer).expanduser() if tokenizer else path)
     module = build_model(config, weights, str(path), torch_dtype, torch_device)
-    return LoadedModel(config, module, tok, path, torch_dtype, torch_device)
+    quantized: tuple[str, ...] = ()
+    if path.suffix == ".gguf" and quantization == "auto" and _kernels_apply(torch_dtype, torch_device):
+        module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
+        quantized = tuple(sorted({QTYPE_NAMES[m.quantized.qtype] for m in module.modules()
+                                  if isinstance(m, Linear) and m.quantized is not None}))
+    return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
+
+
+def _kernels_apply(dtype: torch.dtype, device: torch.device) -> bool:
+    """The quantized kernels take float32 activations on the CPU."""
+    return device.type == "cpu" and dtype == torch.float32 and kernels_available()

@@ -1,5 +1,6 @@
-"""Tiny models written as GGUF (F32, F16, Q8_0) load through lmserve and match transformers running the same
-dequantized weights: fp32 logits and greedy tokens."""
+"""Tiny models written as GGUF (F32, F16, Q8_0, Q4_0, Q4_1) load through lmserve and match transformers running the
+same dequantized weights: fp32 logits and greedy tokens. Quantized files also run lmserve's decode kernels on their
+blocks (prompts of up to 16 tokens and every decode step), so these tests hold those kernels to the same bar."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from gguf_export import export_gguf
 from model_helpers import prompt_logits, relative_error
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
+from lmserve.kernels.native import kernels_available
 from lmserve.llm import LLM
 from lmserve.loader import load_model
 from lmserve.sampling_params import SamplingParams
@@ -20,7 +22,7 @@ PROMPTS = [[5, 17, 33, 9, 100, 200, 3], [8, 9], list(range(10, 60))]
 CONFIGS = ["llama-gqa-tied", "llama-mha-untied", "qwen2-bias", "neox-rotary-0.25", "neox-rotary-1.0-sequential"]
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_gguf_model_matches_transformers(tmp_path, name, qtype):
     original = make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
@@ -37,7 +39,10 @@ def test_gguf_model_matches_transformers(tmp_path, name, qtype):
     if qtype == "F32":
         assert all(torch.equal(weights[k], v) for k, v in original.state_dict().items() if k not in missing)
 
-    ours = prompt_logits(load_model(str(path), dtype="float32"), PROMPTS)
+    loaded = load_model(str(path), dtype="float32")
+    if qtype.startswith("Q") and kernels_available():
+        assert loaded.quantized_types == (qtype,)
+    ours = prompt_logits(loaded, PROMPTS)
     for prompt, logits in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt])).logits[0]

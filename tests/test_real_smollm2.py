@@ -3,6 +3,7 @@ fp32 logits, greedy continuations (through the engine, under chunked prefill), a
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import transformers
 from model_helpers import prompt_logits
 from server_helpers import wait_healthy
 
+from lmserve.kernels.native import kernels_available
 from lmserve.llm import LLM
 from lmserve.sampling_params import SamplingParams
 
@@ -104,3 +106,16 @@ def wait_for_listening(log, process, timeout: float = 300.0) -> str:
             return match.group(1)
         time.sleep(0.2)
     raise AssertionError(f"lmserve serve did not start:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path):
+    """`lmserve bench quality`: the GGUF's Q4_1/Q8_0 blocks in decode against float32 weights, end to end."""
+    out = tmp_path / "quality.json"
+    subprocess.run([sys.executable, "-m", "lmserve.cli", "bench", "quality", "--max-text-tokens", "256",
+                    "--num-prompts", "4", "--output-len", "16", "--output-json", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    if kernels_available():
+        assert result["candidate"]["quantized_types"] == ["Q4_1", "Q8_0"]
+    assert result["text_tokens"] == 256
+    assert abs(result["perplexity_delta_pct"]) < 0.1
+    assert result["greedy_agreeing_prefix"] >= 0.9

@@ -1,4 +1,5 @@
-"""`lmserve bench throughput | serve | latency`: offline throughput, online serving load, single-stream latency."""
+"""`lmserve bench throughput | serve | latency | quality`: offline throughput, online serving load, single-stream
+latency, and whether a fast path (bf16, quantized kernels) changes the model's output."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-iters", type=int, default=5, help="timed requests (default 5)")
     p.add_argument("--num-iters-warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+
+    p = kinds.add_parser("quality", help="perplexity and greedy agreement of the configured engine vs float32")
+    add_engine_args(p)
+    p.add_argument("--text-path", default=None, help="text to score (default: a bundled public-domain text)")
+    p.add_argument("--max-text-tokens", type=int, default=1024)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--output-json", default=None)
 
     p = kinds.add_parser("serve", help="load-test an OpenAI-compatible /v1/completions server (streaming)")
@@ -72,7 +81,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"throughput": _throughput, "latency": _latency, "serve": _serve}[args.bench_command](args)
+    commands = {"throughput": _throughput, "latency": _latency, "serve": _serve, "quality": _quality}
+    return commands[args.bench_command](args)
 
 
 def _write_json(path: str | None, result: dict[str, Any]) -> None:
@@ -107,6 +117,19 @@ def _latency(args: argparse.Namespace) -> int:
     result = run_latency(llm, cfg)
     result["config"] = {**vars(cfg), "engine": options}
     print(format_latency(result))
+    _write_json(args.output_json, result)
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from lmserve.bench.quality import QualityConfig, format_quality, run_quality
+
+    cfg = QualityConfig(max_text_tokens=args.max_text_tokens, num_prompts=args.num_prompts,
+                        output_len=args.output_len)
+    if args.text_path:
+        cfg.text_path = args.text_path
+    result = run_quality(engine_options(args), cfg)
+    print(format_quality(result))
     _write_json(args.output_json, result)
     return 0
 

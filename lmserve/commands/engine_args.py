@@ -17,6 +17,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--tokenizer", default=None, help="tokenizer path, when not the model's own")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on hardware with fast bf16 (AVX512-BF16, AMX, recent GPUs), else float32")
+    parser.add_argument("--quantization", default=None, choices=["auto", "none"],
+                        help="auto (default): decode steps use a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 "
+                             "kernels, prefill the float weights; none: float weights only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -29,8 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
 
 
-_OPTIONS = ["model", "tokenizer", "dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-            "block_size", "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching", "scheduling_policy"]
+_OPTIONS = ["model", "tokenizer", "dtype", "quantization", "device", "max_model_len", "max_num_seqs",
+            "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching",
+            "scheduling_policy"]
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 from lmserve.config import ModelConfig
 from lmserve.platform import GiB, available_memory
 
+QUANTIZATION_CHOICES = ("auto", "none")
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
 AUTO_KV_CPU_CAP = 4 * GiB  # vLLM's CPU default too: beyond it, RAM is better left to the OS and other processes
 
@@ -18,6 +19,7 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     tokenizer: str | None = None
     dtype: str = "auto"                        # bf16 where the hardware runs it fast, else fp32
+    quantization: str = "auto"                 # auto: decode with a GGUF's quantized blocks where kernels run; none
     device: str = "cpu"
     max_model_len: int | None = None          # default: the model's context
     max_num_seqs: int = 256
@@ -30,6 +32,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

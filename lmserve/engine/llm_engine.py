@@ -25,7 +25,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.manual_seed(config.seed)
-        self.lm = load_model(config.model, config.tokenizer, config.dtype, config.device)
+        self.lm = load_model(config.model, config.tokenizer, config.dtype, config.device, config.quantization)
         model_len = self.lm.config.max_position_embeddings
         self.max_model_len = config.max_model_len or model_len
         if not 1 < self.max_model_len <= model_len:

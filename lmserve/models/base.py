@@ -1,4 +1,5 @@
-"""What every decoder-only family shares: embedding, a stack of blocks, final norm, LM head, flat-batch forward."""
+"""What every decoder-only family shares: embedding, a stack of blocks, final norm, LM head, flat-batch forward,
+and loading checkpoint tensors (float weights, and GGUF quantized blocks for the linears) by the family's names."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from torch import nn
 
 from lmserve.config import ModelConfig
 from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.linear import Linear
 from lmserve.layers.rotary import RotaryEmbedding
+from lmserve.models.weight_loading import Tensors, attach_quantized, load_into
 
 
 class DecoderLM(nn.Module):
-    """Subclasses build `layers` (blocks called as block(x, rotary, meta, kv_cache)) and `norm`."""
+    """Subclasses build `layers` (blocks called as block(x, rotary, meta, kv_cache)) and `norm`, and say how
+    checkpoint names map to parameters (`_map_name`) and how fused parameters are stacked (`_shard_rows`)."""
 
     layers: nn.ModuleList
     norm: nn.Module
@@ -21,7 +25,7 @@ class DecoderLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -40,3 +44,20 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, computed only for the rows the caller needs."""
         return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Tensors, source: str) -> None:
+        load_into(self, self._checkpoint_tensors(weights), self._map_name, self._shard_rows, source)
+
+    def attach_quantized(self, blocks: Tensors) -> None:
+        """Hand GGUF blocks ([rows, row bytes] uint8, named like the float weights) to the linears they belong to."""
+        attach_quantized(self, self._checkpoint_tensors(blocks), self._map_name, self._shard_rows)
+
+    def _checkpoint_tensors(self, tensors: Tensors) -> Tensors:
+        """Reshape checkpoint tensors whose layout differs from ours (row-wise, so blocks pass through too)."""
+        return tensors
+
+    def _map_name(self, name: str) -> tuple[str, int] | None:
+        raise NotImplementedError
+
+    def _shard_rows(self, param: str) -> list[int]:
+        raise NotImplementedError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +10,10 @@ from torch import nn
 
 from lmserve.config import ModelConfig
 from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.linear import Linear
 from lmserve.layers.self_attention import SelfAttention
 from lmserve.models.base import DecoderLM
-from lmserve.models.weight_loading import load_into
+from lmserve.models.weight_loading import Tensors
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -36,8 +37,8 @@ class NeoXMLP(nn.Module):
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act '{config.hidden_act}' is not supported for GPT-NeoX models")
         self.act = _ACTIVATIONS[config.hidden_act]
-        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.up = Linear(config.hidden_size, config.intermediate_size)
+        self.down = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
@@ -67,10 +68,7 @@ class GPTNeoXForCausalLM(DecoderLM):
         self.layers = nn.ModuleList(NeoXBlock(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        load_into(self, self._split_fused_qkv(weights), self._map_name, self._shard_rows, source)
-
-    def _split_fused_qkv(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _checkpoint_tensors(self, weights: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint fuses q, k, v per head ([heads, 3, head_dim, ...]); split it into three tensors."""
         c = self.config
         for name, tensor in weights:

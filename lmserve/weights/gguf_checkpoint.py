@@ -98,6 +98,14 @@ class GGUFCheckpoint:
             name = self._hf_name(info.name)
             yield name, self._restore_layout(info.name, self._dequantize(info)).to(dtype)
 
+    def quantized_blocks(self, types: frozenset[int]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF parameter name, uint8 [rows, row bytes]) for each 2-D tensor stored in one of the ggml `types`,
+        the blocks untouched and only the rows reordered as `tensors` reorders them."""
+        for info in self._reader.tensors:
+            if int(info.tensor_type) in types and len(info.shape) == 2 and info.name != _ROPE_FREQS:
+                blocks = torch.from_numpy(np.array(info.data, dtype=np.uint8))  # a copy: the memmap stays read-only
+                yield self._hf_name(info.name), self._restore_layout(info.name, blocks)
+
     def _hf_name(self, gguf_name: str) -> str:
         match = _TENSOR_NAME.fullmatch(gguf_name)
         template = self._spec.names.get(match[2]) if match else None

@@ -1,0 +1,1 @@
+"""Native CPU kernels that torch does not provide, compiled on first use and called through ctypes."""

@@ -1,0 +1,77 @@
+"""The AVX2 kernels on GGUF blocks equal a float32 product of the dequantized weights (to float rounding), the
+Linear layer picks them only for few rows, and the options that control them validate their input."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmserve.engine.config import EngineConfig
+from lmserve.kernels.native import BLOCK_BYTES, kernels_available, qtype_of, quant_matmul
+from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
+
+needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
+TYPES = {name: int(gguf.GGMLQuantizationType[name]) for name in ("Q4_0", "Q4_1", "Q8_0")}
+
+
+def quantized(name: str, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 blocks, float32 dequantized weight) of a random [rows, cols] matrix."""
+    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    blocks = gguf.quants.quantize(weight, gguf.GGMLQuantizationType[name])
+    dequantized = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[name]).reshape(rows, cols)
+    return torch.from_numpy(blocks.copy()), torch.from_numpy(dequantized.copy())
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (300, 576)])
+def test_kernel_matches_float_product_of_dequantized_weights(name, rows, shape):
+    out_features, in_features = shape
+    blocks, weight = quantized(name, out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    if in_features > 32:
+        x[0, :32] = 0.0  # an all-zero block of x has scale 0
+    expected = F.linear(x, weight)
+    got = quant_matmul(TYPES[name], x, blocks)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_block_type_is_read_off_the_row_length(name):
+    blocks, _ = quantized(name, 4, 96)
+    assert blocks.shape == (4, 3 * BLOCK_BYTES[TYPES[name]])
+    assert qtype_of(blocks, 96) == TYPES[name]
+    assert qtype_of(blocks.float(), 96) is None and qtype_of(blocks[:, :-1], 96) is None
+    assert qtype_of(blocks, 95) is None
+
+
+@needs_kernels
+def test_linear_uses_blocks_for_few_rows_and_float_weight_for_many():
+    blocks, weight = quantized("Q4_1", 48, 64)
+    layer = Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    layer.quantized = QuantizedWeight(TYPES["Q4_1"], blocks)
+    many = torch.randn(MAX_QUANTIZED_ROWS + 1, 64)
+    assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))  # float path, bit for bit
+    few = many[:3]
+    got, expected = layer(few), F.linear(few, layer.weight, layer.bias)
+    assert not torch.equal(got, expected)  # really the kernel (int16 activations round differently)...
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4  # ...and right
+
+
+@needs_kernels
+def test_kernel_refuses_rows_that_are_not_whole_blocks():
+    with pytest.raises(ValueError, match="ggml type 3 with 40 input features"):
+        quant_matmul(TYPES["Q4_1"], torch.randn(1, 40), torch.zeros(2, 20, dtype=torch.uint8))
+
+
+def test_quantization_option_is_validated():
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="int3")
