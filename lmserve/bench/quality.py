@@ -2,7 +2,7 @@
 
 The reference is the same model in float32 with float weights only (`quantization="none"`); the candidate is the
 engine as configured (bf16, or a GGUF's quantized blocks in decode). Both score the text in chunks of
-`chunk_tokens`, so a candidate whose fast path only serves small batches (the quantized kernels: at most 16 rows)
+`chunk_tokens`, so a candidate whose fast path only serves small batches (the quantized kernels: at most 32 rows)
 is measured on that path, and both generate greedy continuations of windows of the same text.
 """
 

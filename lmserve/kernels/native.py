@@ -1,7 +1,7 @@
-"""Compile quant_matmul.c once per machine (cached by source hash) and call it on torch tensors.
+"""Compile the C kernels once per machine (cached by source hash) and call them on torch tensors.
 
-A plain C file with no Python or torch headers builds in about a second, so it is compiled at first use rather than
-at install time; a machine without a C compiler, or a CPU without AVX2/FMA/F16C, simply keeps the float path.
+Plain C files with no Python or torch headers build in about a second, so they are compiled at first use rather
+than at install time; a machine without a C compiler, or a CPU without AVX2/FMA/F16C, keeps the torch path.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from lmserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_matmul.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.c", "paged_attention.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # ggml type number (Q4_0, Q4_1, Q8_0) -> bytes per block of 32 weights
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
@@ -36,29 +37,36 @@ def cache_dir() -> Path:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (with the reason logged once) where it cannot run."""
+    """The compiled kernel library, or None (with the reason logged once) where it cannot run or is turned off
+    (LMSERVE_NATIVE_KERNELS=0, for A/B runs and as an escape hatch)."""
+    if os.environ.get("LMSERVE_NATIVE_KERNELS", "1") == "0":
+        return None
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= cpu_flags():
-        log.info("quantized CPU kernels need an x86-64 CPU with AVX2, FMA and F16C; using float weights")
+        log.info("lmserve's CPU kernels need an x86-64 CPU with AVX2, FMA and F16C; using torch's path")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found (set CC): quantized CPU kernels are off, using float weights")
+        log.warning("no C compiler found (set CC): lmserve's CPU kernels are off, using torch's path")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"quant_matmul-{digest}.so"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([compiler, *FLAGS]).encode())
+    target = cache_dir() / f"lmserve-kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                log.warning("building quantized CPU kernels failed, using float weights:\n%s", result.stderr)
+                log.warning("building the CPU kernels failed, using torch's path:\n%s", result.stderr)
                 return None
             os.replace(built, target)  # atomic: concurrent first starts never load a half-written file
     lib = ctypes.CDLL(str(target))  # torch is imported, so its OpenMP runtime is the one this library binds to
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.quant_matmul.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer, pointer, pointer]
     lib.quant_matmul.restype = ctypes.c_int
+    lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
+                                           size, ctypes.c_float, pointer, size, pointer]
+    lib.paged_decode_attention.restype = ctypes.c_int
     return lib
 
 
@@ -74,18 +82,57 @@ def qtype_of(blocks: torch.Tensor, in_features: int) -> int | None:
     return next((qtype for qtype, size in BLOCK_BYTES.items() if size == per_block), None)
 
 
+class _Scratch(threading.local):
+    """Per-thread scratch buffers, grown on demand: allocating them on every call costs more than small kernels."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[name] = torch.empty(max(numel, 1 << 16), dtype=dtype)
+        return buffer
+
+
+_scratch = _Scratch()
+
+
 def quant_matmul(qtype: int, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ W.T, W being `blocks` ([N, K / 32 * block bytes], GGUF layout): [M, N] float32."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("quantized CPU kernels are not available on this machine")
+        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
     x = x.contiguous()
     rows, in_features = x.shape
     out = torch.empty(rows, blocks.shape[0], dtype=torch.float32)
-    x_int16 = torch.empty(rows, in_features, dtype=torch.int16)
-    x_scale = torch.empty(2, rows, in_features // QK, dtype=torch.float32)
+    x_int16 = _scratch.get("x_int16", rows * in_features, torch.int16).data_ptr()
+    x_scale = _scratch.get("x_scale", 2 * rows * (in_features // QK), torch.float32).data_ptr()
+    x_sum = x_scale + 4 * rows * (in_features // QK)
     status = lib.quant_matmul(qtype, x.data_ptr(), rows, in_features, blocks.data_ptr(), blocks.shape[0],
-                              out.data_ptr(), x_int16.data_ptr(), x_scale[0].data_ptr(), x_scale[1].data_ptr())
+                              out.data_ptr(), x_int16, x_scale, x_sum)
     if status != 0:
         raise ValueError(f"quant_matmul: ggml type {qtype} with {in_features} input features is not supported")
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """One query per sequence (q [seqs, heads, head_dim], float32) against its paged context, read in place from
+    k_cache / v_cache ([slots, kv_heads, head_dim]); returns [seqs, heads * head_dim]."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    q = q.contiguous()
+    seqs, heads, head_dim = q.shape
+    max_context = block_tables.shape[1] * block_size
+    scores = _scratch.get("scores", seqs * heads * max_context, torch.float32)
+    out = torch.empty(seqs, heads * head_dim, dtype=torch.float32)
+    status = lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                                        block_tables.shape[1], context_lens.data_ptr(), seqs, heads,
+                                        k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
+                                        out.data_ptr())
+    if status != 0:
+        raise ValueError(f"paged_decode_attention: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
+                         "is not supported (head size must be a multiple of 8)")
     return out

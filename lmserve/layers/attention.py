@@ -1,8 +1,9 @@
 """Attention over a paged KV cache for a flat batch of tokens from many sequences.
 
 A step may mix prefills, chunked prefills after a cached prefix, and decodes. The runner describes the step once in
-`AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched SDPA call, so
-the Python work per layer does not grow with the number of sequences.
+`AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched call, so the
+Python work per layer does not grow with the number of sequences. Pure-decode steps in float32 on the CPU use
+lmserve's C kernel, which reads K/V in place from the blocks; other steps gather the blocks and call torch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from lmserve.kernels.native import kernels_available, paged_decode_attention
 
 
 @dataclass
@@ -36,6 +39,7 @@ class AttentionMetadata:
     positions: torch.Tensor      # [tokens] position of each new token in its sequence
     slot_mapping: torch.Tensor   # [tokens] cache slot each new token's K/V is written to
     block_tables: torch.Tensor   # [seqs, max_blocks] blocks each sequence reads, padded with block 0
+    context_lens: torch.Tensor   # [seqs] cached + new tokens of each sequence
     mask: torch.Tensor           # [seqs, 1, max_query, max_blocks * block_size] True where attention is allowed
     query_index: torch.Tensor    # [tokens] row of each token in the padded [seqs * max_query] layout
     max_query_len: int
@@ -70,7 +74,8 @@ class AttentionMetadata:
         return cls(
             positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
-            block_tables=tables.to(device),
+            block_tables=tables.contiguous().to(device),
+            context_lens=ctx_lens.to(device),
             mask=mask[:, None].to(device),
             query_index=(seq_of_token * max_q + offset_in_query).to(device),
             max_query_len=max_q,
@@ -83,6 +88,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Store this step's k/v ([tokens, kv_heads, head_dim]) and attend; returns [tokens, heads * head_dim]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.max_query_len == 1 and _native_decode_applies(q, k_cache):
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size,
+                                      scale)
     keys, values = _gather_context(k_cache, meta), _gather_context(v_cache, meta)
     if meta.max_query_len == 1:
         return _decode_attention(q, keys, values, meta.mask, scale)
@@ -97,6 +105,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                          attn_mask=meta.mask, scale=scale, enable_gqa=True)
     out = out.transpose(1, 2).reshape(num_seqs * max_q, heads * head_dim)
     return out if tokens == num_seqs * max_q else out[meta.query_index]
+
+
+def _native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """lmserve's C kernel reads the cache in place: float32 on the CPU, head size a multiple of 8."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 8 == 0
+            and k_cache.is_contiguous() and kernels_available())
 
 
 def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

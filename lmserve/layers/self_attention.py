@@ -23,11 +23,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        cos, sin = rotary
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q_and_k = apply_rotary(qkv[:, : self.num_heads + self.num_kv_heads], *rotary)  # one rotation for both
+        q, k = q_and_k.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         layer = self.layer_index
         out = paged_attention(q, k, v, kv_cache.k[layer], kv_cache.v[layer], meta, self.scale)
         return self.o_proj(out)

@@ -1,5 +1,6 @@
-"""The AVX2 kernels on GGUF blocks equal a float32 product of the dequantized weights (to float rounding), the
-Linear layer picks them only for few rows, and the options that control them validate their input."""
+"""lmserve's C kernels against torch: products on GGUF blocks equal a float32 product of the dequantized weights
+(to float rounding), the Linear layer picks them only for few rows, and decode attention read in place from the
+paged cache equals torch's gather + matmul path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.engine.config import EngineConfig
-from lmserve.kernels.native import BLOCK_BYTES, kernels_available, qtype_of, quant_matmul
+from lmserve.kernels.native import BLOCK_BYTES, kernels_available, paged_decode_attention, qtype_of, quant_matmul
+from lmserve.layers.attention import AttentionMetadata, _decode_attention, _gather_context
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
@@ -75,3 +77,29 @@ def test_kernel_refuses_rows_that_are_not_whole_blocks():
 def test_quantization_option_is_validated():
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="int3")
+
+
+@needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(6, 2, 16), (4, 1, 8), (3, 3, 64), (9, 3, 64)])
+def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    block_size, num_blocks = 4, 40
+    context_lens = [1, 5, 17, 40, 8]
+    free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, shuffled blocks
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
+    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size)
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=gen) * 3  # peaked softmaxes too
+    scale = head_dim**-0.5
+    expected = _decode_attention(q, _gather_context(k_cache, meta), _gather_context(v_cache, meta), meta.mask, scale)
+    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, block_size, scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_decode_attention_refuses_head_sizes_it_cannot_vectorize():
+    meta = AttentionMetadata.build([1], [3], [[0]], 4)
+    cache = torch.zeros(4, 1, 12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        paged_decode_attention(torch.zeros(1, 2, 12), cache, cache, meta.block_tables, meta.context_lens, 4, 1.0)

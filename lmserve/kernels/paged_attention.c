@@ -1,0 +1,113 @@
+/* Decode attention straight from the paged KV cache, float32, x86 AVX2 + FMA.
+ *
+ * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
+ * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each (sequence, kv head) pair
+ * walks its block table and reads K and V rows in place, once for all the query heads that share them (GQA).
+ *
+ * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D], slot = block * block_size + offset.
+ * block_tables: [S, max_blocks].  context_lens: [S] tokens each query attends to (itself included).
+ * scores: scratch [S, H, max_context].
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+/* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
+ * within 2 ulp of expf. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT);
+    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+static inline float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return horizontal_sum(acc);
+}
+
+/* Exponentiates scores[0..n) minus their max, in place, and returns their sum (the caller normalizes once). */
+static float softmax_unnormalized(float *scores, int64_t n) {
+    float max = scores[0];
+    for (int64_t t = 1; t < n; t++) max = scores[t] > max ? scores[t] : max;
+    const __m256 m = _mm256_set1_ps(max);
+    __m256 total = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
+        _mm256_storeu_ps(scores + t, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float sum = horizontal_sum(total);
+    if (t < n) { /* the tail through a padded vector */
+        float tail[8] = {0};
+        for (int64_t i = t; i < n; i++) tail[i - t] = scores[i] - max;
+        float e[8];
+        _mm256_storeu_ps(e, exp_nonpositive(_mm256_loadu_ps(tail)));
+        for (int64_t i = t; i < n; i++) {
+            scores[i] = e[i - t];
+            sum += e[i - t];
+        }
+    }
+    return sum;
+}
+
+/* Returns 0, or -1 when head_dim is not a multiple of 8 or the heads do not group evenly. */
+int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                           int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
+                           int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
+                           float *out) {
+    if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
+    const int64_t group = H / KVH;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t s = 0; s < S; s++) {
+        for (int64_t kvh = 0; kvh < KVH; kvh++) {
+            const int64_t n = context_lens[s];
+            const int64_t *table = block_tables + s * max_blocks;
+            const float *qs = q + (s * H + kvh * group) * D;
+            float *sc = scores + (s * H + kvh * group) * max_context;
+            for (int64_t t = 0; t < n; t++) {
+                const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                const float *k = k_cache + (slot * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++) sc[g * max_context + t] = dot(qs + g * D, k, D) * scale;
+            }
+            float inv_sum[group];
+            for (int64_t g = 0; g < group; g++) inv_sum[g] = 1.0f / softmax_unnormalized(sc + g * max_context, n);
+            float *o = out + (s * H + kvh * group) * D;
+            for (int64_t i = 0; i < group * D; i++) o[i] = 0.0f;
+            for (int64_t t = 0; t < n; t++) {
+                const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                const float *v = v_cache + (slot * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const __m256 p = _mm256_set1_ps(sc[g * max_context + t]);
+                    float *og = o + g * D;
+                    for (int64_t i = 0; i < D; i += 8)
+                        _mm256_storeu_ps(og + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                const __m256 inv = _mm256_set1_ps(inv_sum[g]);
+                for (int64_t i = 0; i < D; i += 8)
+                    _mm256_storeu_ps(o + g * D + i, _mm256_mul_ps(inv, _mm256_loadu_ps(o + g * D + i)));
+            }
+        }
+    }
+    return 0;
+}
