@@ -141,6 +141,8 @@ def write_report(results: Path, out: Path, anchors: Anchors, args: Any) -> None:
     for wname in WORKLOADS:
         if wname in runs:
             lines += _table(wname, runs[wname], plot_dir, plot_dir.name, args.smoke)
+    for section in sorted(results.glob("*.section.md")):  # step profiles, quality checks: written beside the runs
+        lines += [section.read_text().rstrip(), ""]
     if failures:
         lines += ["## What could not be measured", ""]
         lines += [f"- {engine}: {reason.strip().splitlines()[0] if reason.strip() else ''}"

@@ -1,6 +1,6 @@
 """lmserve's C kernels against torch: products on GGUF blocks equal a float32 product of the dequantized weights
 (to float rounding), the Linear layer picks them only for few rows, and decode attention read in place from the
-paged cache equals torch's gather + matmul path."""
+paged cache equals torch's gather + matmul path, and the whole-layer decode equals the model's torch layers."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf_export import export_gguf
+from tiny_models import ALL_CONFIGS, make_tiny_model
 
 from lmserve.engine.config import EngineConfig
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available, paged_decode_attention, qtype_of, quant_matmul
-from lmserve.layers.attention import AttentionMetadata, _decode_attention, _gather_context
+from lmserve.layers.attention import AttentionMetadata, KVCache, _decode_attention, _gather_context
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
+from lmserve.loader import load_model
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
 TYPES = {name: int(gguf.GGMLQuantizationType[name]) for name in ("Q4_0", "Q4_1", "Q8_0")}
@@ -103,3 +106,33 @@ def test_decode_attention_refuses_head_sizes_it_cannot_vectorize():
     cache = torch.zeros(4, 1, 12)
     with pytest.raises(ValueError, match="multiple of 8"):
         paged_decode_attention(torch.zeros(1, 2, 12), cache, cache, meta.block_tables, meta.context_lens, 4, 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "llama-mha-untied"])
+def test_fused_decode_layer_matches_the_torch_layers(tmp_path, name):
+    """Whole-layer C decode against the same model's torch layers: hidden states and the K/V it stores."""
+    make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
+    lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
+    model, c = lm.model, lm.config
+    specs = [layer.fused for layer in model.layers]
+    assert all(spec is not None for spec in specs)
+    block_size, prompts = 4, [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4]]
+    tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    cache = KVCache.allocate(c.num_layers, 10, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    lens = [len(p) for p in prompts]
+    with torch.inference_mode():
+        model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
+        step = AttentionMetadata.build([1, 1, 1], [n + 1 for n in lens], tables, block_size)
+        ids = torch.tensor([40, 41, 42])
+        fused_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
+        fused = model(ids, step, fused_cache)
+        for layer in model.layers:
+            layer.fused = None
+        expected = model(ids, step, cache)
+    # Both paths quantize each product's input to int16 (steps of max|x| / 32767), so float-rounding differences
+    # in those inputs can move a value by one step: ~1e-4 of the norm is that noise; a wrong layer is off by ~1.
+    assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
+    torch.testing.assert_close(fused_cache.k, cache.k, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused_cache.v, cache.v, rtol=1e-3, atol=1e-3)

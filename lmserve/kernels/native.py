@@ -24,7 +24,8 @@ from lmserve.platform import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.c", "paged_attention.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("quant_matmul.c", "paged_attention.c", "llama_decode_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # ggml type number (Q4_0, Q4_1, Q8_0) -> bytes per block of 32 weights
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
@@ -67,7 +68,27 @@ def _library() -> ctypes.CDLL | None:
     lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
                                            size, ctypes.c_float, pointer, size, pointer]
     lib.paged_decode_attention.restype = ctypes.c_int
+    layer = ctypes.POINTER(LlamaLayerSpec)
+    lib.llama_decode_scratch_bytes.argtypes = [layer, size, size]
+    lib.llama_decode_scratch_bytes.restype = size
+    lib.llama_decode_layer.argtypes = [layer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, size,
+                                       pointer, size, pointer]
+    lib.llama_decode_layer.restype = ctypes.c_int
     return lib
+
+
+class QuantLinearSpec(ctypes.Structure):
+    _fields_ = [("qtype", ctypes.c_int), ("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class LlamaLayerSpec(ctypes.Structure):
+    """llama_decode_layer.c's LlamaLayer: shapes and pointers into a block's tensors (which must outlive it)."""
+
+    _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "rotary_dim",
+                                                       "intermediate")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p),
+                *((name, QuantLinearSpec) for name in ("qkv", "o", "gate_up", "down"))]
 
 
 def kernels_available() -> bool:
@@ -136,3 +157,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged_decode_attention: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
                          "is not supported (head size must be a multiple of 8)")
     return out
+
+
+def llama_decode_layer(spec: LlamaLayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A whole Llama decoder layer for one new token per sequence; x ([seqs, hidden] float32, contiguous) is the
+    residual stream, updated in place and returned."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    rows, max_blocks = x.shape[0], block_tables.shape[1]
+    scratch = _scratch.get("layer", lib.llama_decode_scratch_bytes(spec, rows, max_blocks * block_size), torch.uint8)
+    status = lib.llama_decode_layer(spec, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                    v_cache.data_ptr(), slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
+                                    context_lens.data_ptr(), block_size, scratch.data_ptr())
+    if status != 0:
+        raise ValueError("llama_decode_layer: a product or the attention refused its shapes")
+    return x

@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.kernels.native import LlamaLayerSpec
 from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.fused_decode import fused_decode_applies, fused_llama_decode, llama_layer_spec
 from lmserve.layers.linear import Linear
 from lmserve.layers.norms import RMSNorm
 from lmserve.layers.self_attention import SelfAttention
 from lmserve.models.base import DecoderLM
+from lmserve.models.weight_loading import Tensors
 
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 _GATE_UP = {"gate_proj": 0, "up_proj": 1}
@@ -32,6 +35,8 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
+        self.layer_index, self.hidden_size, self.rotary_dim = layer_index, config.hidden_size, config.rotary_dim
+        self.fused: LlamaLayerSpec | None = None  # set once the linears hold GGUF blocks (see attach_quantized)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = SelfAttention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -39,6 +44,8 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
+        if self.fused is not None and fused_decode_applies(x, meta):
+            return fused_llama_decode(self.fused, self.layer_index, x, rotary, meta, kv_cache)
         x = x + self.self_attn(self.input_layernorm(x), rotary, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -50,6 +57,11 @@ class LlamaForCausalLM(DecoderLM):
         super().__init__(config)
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+    def attach_quantized(self, blocks: Tensors) -> None:
+        super().attach_quantized(blocks)
+        for layer in self.layers:
+            layer.fused = llama_layer_spec(layer)
 
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Where the time of one decode step goes, by part: linear layers, attention (KV store included), the other layer
+ops, the LM head's sampling, and the engine's host work (scheduling, metadata, detokenizing).
+
+  .venv/bin/python benchmarks/step_profile.py --batch 1 32             # lmserve as it runs by default
+  LMSERVE_NATIVE_KERNELS=0 .venv/bin/python benchmarks/step_profile.py --quantization none   # torch-only path
+
+Steady state: `batch` requests with 128-token prompts are prefilled first, then `--steps` decode steps are timed;
+the median step and the median of each part over those steps are printed as a markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import lmserve.layers.self_attention as self_attention
+from lmserve.layers.linear import Linear
+from lmserve.llm import LLM
+from lmserve.models.base import DecoderLM
+from lmserve.sampling_params import SamplingParams
+
+PARTS = ("linears", "attention", "other layer ops", "sampling", "host")
+
+
+def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[part] += time.perf_counter() - start
+    return wrapper
+
+
+def instrument_layers(spent: dict[str, float]) -> None:
+    Linear.forward = timed(spent, "linears", Linear.forward)
+    self_attention.paged_attention = timed(spent, "attention", self_attention.paged_attention)
+    DecoderLM.forward = timed(spent, "forward", DecoderLM.forward)
+
+
+def profile(llm: LLM, spent: dict[str, float], batch: int, steps: int) -> dict[str, float]:
+    runner = llm.engine.runner
+    runner.sampler = timed(spent, "sampling", runner.sampler)
+    runner.lm.model.compute_logits = timed(spent, "lm head", runner.lm.model.compute_logits)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
+    for i in range(batch):
+        llm.engine.add_request(f"r{i}", {"prompt_token_ids": [1000 + (i * 7 + j) % 30000 for j in range(128)]},
+                               params)
+    while llm.engine.scheduler.waiting or any(s.num_computed_tokens < len(s.prompt_token_ids)
+                                                  for s in llm.engine.scheduler.running):
+        llm.engine.step()
+    rows = []
+    for _ in range(steps):
+        spent.clear()
+        start = time.perf_counter()
+        llm.engine.step()
+        total = time.perf_counter() - start
+        layer_ops = spent["forward"] - spent["linears"] - spent["attention"]
+        rows.append({"step": total, "linears": spent["linears"] + spent["lm head"], "attention": spent["attention"],
+                     "other layer ops": layer_ops, "sampling": spent["sampling"],
+                     "host": total - spent["forward"] - spent["lm head"] - spent["sampling"]})
+    return {key: statistics.median(r[key] for r in rows) * 1000 for key in rows[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--quantization", default="auto")
+    p.add_argument("--label", default="lmserve")
+    args = p.parse_args()
+    print("| path | seqs | step ms | " + " | ".join(f"{part} ms" for part in PARTS) + " |")
+    print("|---|---|---|" + "---|" * len(PARTS))
+    spent: dict[str, float] = defaultdict(float)
+    instrument_layers(spent)
+    for batch in args.batch:
+        llm = LLM(args.model, quantization=args.quantization, kv_cache_memory_gb=1, enable_prefix_caching=False)
+        r = profile(llm, spent, batch, args.steps)
+        parts = " | ".join(f"{r[part]:.1f} ({100 * r[part] / r['step']:.0f}%)" for part in PARTS)
+        print(f"| {args.label} | {batch} | {r['step']:.1f} | {parts} |", flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()

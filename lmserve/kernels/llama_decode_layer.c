@@ -1,0 +1,120 @@
+/* One Llama-family decoder layer for a decode step (one new token per sequence), float32, in a single call.
+ *
+ * At one to a few dozen tokens a step, a layer's arithmetic takes less time than dispatching its ~25 torch ops
+ * one by one. This runs the whole layer -- RMSNorm, q/k/v product, rotary, KV store, paged attention, output
+ * product, residual, RMSNorm, gate/up product, SiLU * up, down product, residual -- from C, on the GGUF blocks,
+ * with the same arithmetic as lmserve's torch path (up to the order of float sums).
+ *
+ * x: [M, hidden], the residual stream, updated in place. cos, sin: [M, rotary_dim] (rotate-half convention).
+ * k_cache, v_cache: this layer's [slots, kv_heads, head_dim]. scratch: llama_decode_scratch_bytes() bytes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
+                 int16_t *xq, float *xscale, float *xsum);
+int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+                           int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
+                           int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
+                           float *out);
+
+typedef struct {
+    int qtype;            /* ggml type of the blocks */
+    const uint8_t *blocks;
+    const float *bias;    /* NULL when the layer has none */
+} QuantLinear;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, rotary_dim, intermediate;
+    float eps, scale;
+    const float *input_norm, *post_attention_norm;
+    QuantLinear qkv, o, gate_up, down;
+} LlamaLayer;
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+int64_t llama_decode_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_context) {
+    const int64_t qkv = (L->heads + 2 * L->kv_heads) * L->head_dim, q = L->heads * L->head_dim;
+    const int64_t widest_input = max3(L->hidden, q, L->intermediate);
+    const int64_t floats = M * (L->hidden + qkv + 2 * q + 2 * L->intermediate + L->intermediate + L->hidden)
+                           + M * L->heads * max_context + 2 * M * (widest_input / 32);
+    return 4 * floats + 2 * M * widest_input;
+}
+
+static void rms_norm(const float *x, const float *weight, int64_t M, int64_t n, float eps, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * n;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) sum += row[i] * row[i];
+        const float inv = 1.0f / sqrtf(sum / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) out[m * n + i] = weight[i] * (row[i] * inv);
+    }
+}
+
+typedef struct {
+    int16_t *xq;
+    float *xscale, *xsum;
+} QuantScratch;
+
+static int linear(const QuantLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y,
+                  const QuantScratch *s) {
+    if (quant_matmul(W->qtype, x, M, K, W->blocks, N, y, s->xq, s->xscale, s->xsum) != 0) return -1;
+    if (W->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += W->bias[n];
+    return 0;
+}
+
+/* Rotate the first rotary_dim dims of each head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin (halves x1, x2). */
+static void rotate(float *head, const float *cos, const float *sin, int64_t rotary_dim) {
+    const int64_t half = rotary_dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = head[i], x2 = head[i + half];
+        head[i] = x1 * cos[i] - x2 * sin[i];
+        head[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+/* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
+int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
+                       float *k_cache, float *v_cache, const int64_t *slot_mapping, const int64_t *block_tables,
+                       int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
+    const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
+    const int64_t qkv_width = (H + 2 * KVH) * D, q_width = H * D, max_context = max_blocks * block_size;
+    const int64_t widest_input = max3(hidden, q_width, inter);
+    float *h = (float *)scratch, *qkv = h + M * hidden, *q = qkv + M * qkv_width, *attn = q + M * q_width;
+    float *gate_up = attn + M * q_width, *act = gate_up + 2 * M * inter, *delta = act + M * inter;
+    float *scores = delta + M * hidden;
+    QuantScratch qs = {.xscale = scores + M * H * max_context};
+    qs.xsum = qs.xscale + M * (widest_input / 32);
+    qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
+
+    rms_norm(x, L->input_norm, M, hidden, L->eps, h);
+    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs)) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        float *row = qkv + m * qkv_width;
+        const float *c = cos + m * L->rotary_dim, *s = sin + m * L->rotary_dim;
+        for (int64_t head = 0; head < H + KVH; head++) rotate(row + head * D, c, s, L->rotary_dim);
+        memcpy(q + m * q_width, row, sizeof(float) * q_width);
+        const int64_t slot = slot_mapping[m];
+        memcpy(k_cache + slot * KVH * D, row + q_width, sizeof(float) * KVH * D);
+        memcpy(v_cache + slot * KVH * D, row + q_width + KVH * D, sizeof(float) * KVH * D);
+    }
+    if (paged_decode_attention(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
+                               L->scale, scores, max_context, attn))
+        return -1;
+    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs)) return -1;
+    for (int64_t i = 0; i < M * hidden; i++) x[i] += delta[i];
+
+    rms_norm(x, L->post_attention_norm, M, hidden, L->eps, h);
+    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs)) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = gate_up[m * 2 * inter + i], u = gate_up[m * 2 * inter + inter + i];
+            act[m * inter + i] = g / (1.0f + expf(-g)) * u;
+        }
+    if (linear(&L->down, act, M, inter, hidden, delta, &qs)) return -1;
+    for (int64_t i = 0; i < M * hidden; i++) x[i] += delta[i];
+    return 0;
+}

@@ -1,0 +1,53 @@
+"""Whole-layer decode in one C call, for Llama blocks whose four linears hold GGUF blocks.
+
+A decode step at batch 1 spends more time dispatching a layer's ~25 small torch ops than computing them; the C
+layer (kernels/llama_decode_layer.c) does the same arithmetic in one call. Prefill, bf16, and layers without
+quantized weights keep the torch path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmserve.kernels.native import LlamaLayerSpec, QuantLinearSpec, kernels_available, llama_decode_layer
+from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear
+
+if TYPE_CHECKING:
+    from lmserve.models.llama import LlamaBlock
+
+
+def _linear_spec(linear: Linear) -> QuantLinearSpec:
+    bias = linear.bias.data_ptr() if linear.bias is not None else None
+    return QuantLinearSpec(linear.quantized.qtype, linear.quantized.blocks.data_ptr(), bias)
+
+
+def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
+    """The C description of `block`, or None when the fused path cannot run it."""
+    attn, mlp = block.self_attn, block.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    params = [block.input_layernorm.weight, block.post_attention_layernorm.weight, *block.parameters()]
+    if (any(linear.quantized is None for linear in linears) or attn.head_dim % 8 or not kernels_available()
+            or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params)):
+        return None
+    rotary_dim = block.rotary_dim
+    return LlamaLayerSpec(
+        block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, rotary_dim, mlp.intermediate_size,
+        block.input_layernorm.eps, attn.scale, block.input_layernorm.weight.data_ptr(),
+        block.post_attention_layernorm.weight.data_ptr(), *map(_linear_spec, linears))
+
+
+def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
+    return meta.max_query_len == 1 and x.shape[0] <= MAX_QUANTIZED_ROWS and x.is_contiguous()
+
+
+def fused_llama_decode(spec: LlamaLayerSpec, layer_index: int, x: torch.Tensor,
+                       rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                       kv_cache: KVCache) -> torch.Tensor:
+    """The block's output for a decode step; x (the residual stream, owned by the forward pass) is updated in
+    place."""
+    cos, sin = (t.contiguous() for t in rotary)
+    return llama_decode_layer(spec, x, cos, sin, kv_cache.k[layer_index], kv_cache.v[layer_index],
+                              meta.slot_mapping, meta.block_tables, meta.context_lens, meta.block_size)
