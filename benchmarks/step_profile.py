@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Where the time of one decode step goes, by part: linear layers, attention (KV store included), the other layer
-ops, the LM head's sampling, and the engine's host work (scheduling, metadata, detokenizing).
+"""Where the time of one decode step goes, by part: whole layers run in one C call (fused), linear layers and
+attention (KV store included) run from torch, the other layer ops, the LM head, sampling, and the engine's host
+work (scheduling, metadata, detokenizing).
 
   .venv/bin/python benchmarks/step_profile.py --batch 1 32             # lmserve as it runs by default
   LMSERVE_NATIVE_KERNELS=0 .venv/bin/python benchmarks/step_profile.py --quantization none   # torch-only path
@@ -19,12 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 import lmserve.layers.self_attention as self_attention
+import lmserve.models.llama as llama
 from lmserve.layers.linear import Linear
 from lmserve.llm import LLM
 from lmserve.models.base import DecoderLM
 from lmserve.sampling_params import SamplingParams
 
-PARTS = ("linears", "attention", "other layer ops", "sampling", "host")
+PARTS = ("fused layers", "linears", "attention", "other layer ops", "LM head", "sampling", "host")
 
 
 def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,6 +42,7 @@ def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callabl
 def instrument_layers(spent: dict[str, float]) -> None:
     Linear.forward = timed(spent, "linears", Linear.forward)
     self_attention.paged_attention = timed(spent, "attention", self_attention.paged_attention)
+    llama.fused_llama_decode = timed(spent, "fused layers", llama.fused_llama_decode)
     DecoderLM.forward = timed(spent, "forward", DecoderLM.forward)
 
 
@@ -47,6 +50,8 @@ def profile(llm: LLM, spent: dict[str, float], batch: int, steps: int) -> dict[s
     runner = llm.engine.runner
     runner.sampler = timed(spent, "sampling", runner.sampler)
     runner.lm.model.compute_logits = timed(spent, "lm head", runner.lm.model.compute_logits)
+    head = runner.lm.model.lm_head
+    head.forward = timed(spent, "head linear", head.forward)  # Linear.forward counts it too: taken out again
     params = SamplingParams(temperature=0.0, max_tokens=steps + 16, ignore_eos=True)
     for i in range(batch):
         llm.engine.add_request(f"r{i}", {"prompt_token_ids": [1000 + (i * 7 + j) % 30000 for j in range(128)]},
@@ -60,9 +65,11 @@ def profile(llm: LLM, spent: dict[str, float], batch: int, steps: int) -> dict[s
         start = time.perf_counter()
         llm.engine.step()
         total = time.perf_counter() - start
-        layer_ops = spent["forward"] - spent["linears"] - spent["attention"]
-        rows.append({"step": total, "linears": spent["linears"] + spent["lm head"], "attention": spent["attention"],
-                     "other layer ops": layer_ops, "sampling": spent["sampling"],
+        layer_linears = spent["linears"] - spent["head linear"]
+        layer_ops = spent["forward"] - spent["fused layers"] - layer_linears - spent["attention"]
+        rows.append({"step": total, "fused layers": spent["fused layers"], "linears": layer_linears,
+                     "attention": spent["attention"], "other layer ops": layer_ops, "LM head": spent["lm head"],
+                     "sampling": spent["sampling"],
                      "host": total - spent["forward"] - spent["lm head"] - spent["sampling"]})
     return {key: statistics.median(r[key] for r in rows) * 1000 for key in rows[0]}
 

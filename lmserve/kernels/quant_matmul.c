@@ -16,7 +16,7 @@
 #include <string.h>
 
 #define QK 32
-#define ROWS 4
+#define ROWS 8 /* dot_tile's cases cover 1..ROWS */
 
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type numbers */
 
@@ -112,12 +112,18 @@ static inline __attribute__((always_inline)) void dot_rows(int qtype, const uint
 
 static void dot_tile(int qtype, const uint8_t *wrow, int64_t blocks, const int16_t *xq, const float *xscale,
                      const float *xsum, int64_t K, int rows, float *out, int64_t stride) {
+#define DOT_ROWS(n) dot_rows(qtype, wrow, blocks, xq, xscale, xsum, K, n, out, stride)
     switch (rows) {
-    case 1: dot_rows(qtype, wrow, blocks, xq, xscale, xsum, K, 1, out, stride); break;
-    case 2: dot_rows(qtype, wrow, blocks, xq, xscale, xsum, K, 2, out, stride); break;
-    case 3: dot_rows(qtype, wrow, blocks, xq, xscale, xsum, K, 3, out, stride); break;
-    default: dot_rows(qtype, wrow, blocks, xq, xscale, xsum, K, 4, out, stride); break;
+    case 1: DOT_ROWS(1); break;
+    case 2: DOT_ROWS(2); break;
+    case 3: DOT_ROWS(3); break;
+    case 4: DOT_ROWS(4); break;
+    case 5: DOT_ROWS(5); break;
+    case 6: DOT_ROWS(6); break;
+    case 7: DOT_ROWS(7); break;
+    default: DOT_ROWS(8); break;
     }
+#undef DOT_ROWS
 }
 
 /* Returns 0 on success, -1 for an unsupported type or a K that is not a multiple of 32. */
