@@ -52,7 +52,8 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
                device: str = "cpu", quantization: str = "auto") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
-    `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not."""
+    `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not.
+    With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations)."""
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -60,6 +61,9 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         from lmserve.weights.gguf_checkpoint import GGUFCheckpoint  # the gguf reader is only needed here
 
         checkpoint = GGUFCheckpoint(path)
+        if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, torch_device)
+                and checkpoint.has_blocks(frozenset(BLOCK_BYTES))):
+            torch_dtype = torch.float32  # decode on the blocks beats bf16 products, even where bf16 is native
         config = ModelConfig.from_hf(checkpoint.hf_config, str(path))
         weights = checkpoint.tensors(torch_dtype)
         tok = None if tokenizer else tokenizer_from_gguf(checkpoint)

@@ -98,6 +98,10 @@ class GGUFCheckpoint:
             name = self._hf_name(info.name)
             yield name, self._restore_layout(info.name, self._dequantize(info)).to(dtype)
 
+    def has_blocks(self, types: frozenset[int]) -> bool:
+        """Whether any 2-D tensor is stored in one of the ggml `types`."""
+        return any(int(t.tensor_type) in types and len(t.shape) == 2 for t in self._reader.tensors)
+
     def quantized_blocks(self, types: frozenset[int]) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF parameter name, uint8 [rows, row bytes]) for each 2-D tensor stored in one of the ggml `types`,
         the blocks untouched and only the rows reordered as `tensors` reorders them."""
