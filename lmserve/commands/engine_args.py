@@ -16,7 +16,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         parser.add_argument("--model", default=DEFAULT_MODEL, help="directory, .gguf file or bundled model name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path, when not the model's own")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on hardware with fast bf16 (AVX512-BF16, AMX, recent GPUs), else float32")
+                        help="auto: bfloat16 on hardware with fast bf16 (AVX512-BF16, AMX, recent GPUs), else float32 "
+                             "(and float32 for a GGUF whose Q4_0/Q4_1/Q8_0 blocks the CPU kernels read)")
     parser.add_argument("--quantization", default=None, choices=["auto", "none"],
                         help="auto (default): decode steps use a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 "
                              "kernels, prefill the float weights; none: float weights only")
