@@ -28,13 +28,11 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
     """The C description of `block`, or None when the fused path cannot run it."""
     attn, mlp = block.self_attn, block.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    params = [block.input_layernorm.weight, block.post_attention_layernorm.weight, *block.parameters()]
     if (any(linear.quantized is None for linear in linears) or attn.head_dim % 8 or not kernels_available()
-            or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params)):
+            or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in block.parameters())):
         return None
-    rotary_dim = block.rotary_dim
     return LlamaLayerSpec(
-        block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, rotary_dim, mlp.intermediate_size,
+        block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, block.rotary_dim, mlp.intermediate_size,
         block.input_layernorm.eps, attn.scale, block.input_layernorm.weight.data_ptr(),
         block.post_attention_layernorm.weight.data_ptr(), *map(_linear_spec, linears))
 

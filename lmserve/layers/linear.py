@@ -15,7 +15,8 @@ from torch import nn
 
 from lmserve.kernels.native import quant_matmul
 
-# Measured on a 2-core AVX2 EPYC, SmolLM2: the kernel wins by 3-6x at 1-4 rows, ~1.2x at 32, loses at 64.
+# SmolLM2's shapes on a 2-core AVX2 EPYC: the kernel wins 3-6x at 1-4 rows, ~1.2x at 32, and loses at 64 (end to
+# end: `benchmarks/step_profile.py --batch 32 64`, with and without LMSERVE_NATIVE_KERNELS=0).
 MAX_QUANTIZED_ROWS = 32
 
 
