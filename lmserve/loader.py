@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
-from lmserve.kernels.native import BLOCK_BYTES, QTYPE_NAMES, kernels_available
+from lmserve.kernels.native import BLOCK_BYTES, kernels_available
 from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
 from lmserve.platform import auto_dtype
@@ -77,7 +78,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     quantized: tuple[str, ...] = ()
     if path.suffix == ".gguf" and quantization == "auto" and _kernels_apply(torch_dtype, torch_device):
         module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
-        quantized = tuple(sorted({QTYPE_NAMES[m.quantized.qtype] for m in module.modules()
+        quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
                                   if isinstance(m, Linear) and m.quantized is not None}))
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 

@@ -18,6 +18,7 @@ import threading
 from functools import cache
 from pathlib import Path
 
+import gguf
 import torch
 
 from lmserve.platform import cpu_flags
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.c", "paged_attention.c", "llama_decode_layer.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # ggml type number (Q4_0, Q4_1, Q8_0) -> bytes per block of 32 weights
-QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-QK = 32
+KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
+BLOCK_BYTES = {int(t): gguf.GGML_QUANT_SIZES[t][1] for t in KERNEL_TYPES}  # ggml type number -> bytes per block
+QK = 32  # weights per block, for each of these types
 
 
 def cache_dir() -> Path:
@@ -95,6 +96,13 @@ def kernels_available() -> bool:
     return _library() is not None
 
 
+def _required_library() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    return lib
+
+
 def qtype_of(blocks: torch.Tensor, in_features: int) -> int | None:
     """The ggml type of a [rows, row_bytes] block tensor, read off its row length (each type's block size differs)."""
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or in_features % QK:
@@ -121,9 +129,7 @@ _scratch = _Scratch()
 
 def quant_matmul(qtype: int, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ W.T, W being `blocks` ([N, K / 32 * block bytes], GGUF layout): [M, N] float32."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    lib = _required_library()
     x = x.contiguous()
     rows, in_features = x.shape
     out = torch.empty(rows, blocks.shape[0], dtype=torch.float32)
@@ -141,9 +147,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """One query per sequence (q [seqs, heads, head_dim], float32) against its paged context, read in place from
     k_cache / v_cache ([slots, kv_heads, head_dim]); returns [seqs, heads * head_dim]."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    lib = _required_library()
     q = q.contiguous()
     seqs, heads, head_dim = q.shape
     max_context = block_tables.shape[1] * block_size
@@ -164,9 +168,7 @@ def llama_decode_layer(spec: LlamaLayerSpec, x: torch.Tensor, cos: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """A whole Llama decoder layer for one new token per sequence; x ([seqs, hidden] float32, contiguous) is the
     residual stream, updated in place and returned."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lmserve's CPU kernels are not available on this machine")
+    lib = _required_library()
     rows, max_blocks = x.shape[0], block_tables.shape[1]
     scratch = _scratch.get("layer", lib.llama_decode_scratch_bytes(spec, rows, max_blocks * block_size), torch.uint8)
     status = lib.llama_decode_layer(spec, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
