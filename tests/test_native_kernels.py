@@ -13,7 +13,14 @@ from gguf_export import export_gguf
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
 from lmserve.engine.config import EngineConfig
-from lmserve.kernels.native import BLOCK_BYTES, kernels_available, paged_decode_attention, qtype_of, quant_matmul
+from lmserve.kernels.native import (
+    BLOCK_BYTES,
+    kernels_available,
+    pack_blocks,
+    paged_decode_attention,
+    qtype_of,
+    quant_matmul,
+)
 from lmserve.layers.attention import AttentionMetadata, KVCache, _decode_attention, _gather_context
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
 from lmserve.loader import load_model
@@ -33,7 +40,7 @@ def quantized(name: str, rows: int, cols: int, seed: int = 0) -> tuple[torch.Ten
 @needs_kernels
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 17])
-@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (300, 576)])
+@pytest.mark.parametrize("shape", [(1, 32), (7, 64), (9, 352), (300, 576), (5, 32 * 257)])
 def test_kernel_matches_float_product_of_dequantized_weights(name, rows, shape):
     out_features, in_features = shape
     blocks, weight = quantized(name, out_features, in_features)
@@ -41,7 +48,7 @@ def test_kernel_matches_float_product_of_dequantized_weights(name, rows, shape):
     if in_features > 32:
         x[0, :32] = 0.0  # an all-zero block of x has scale 0
     expected = F.linear(x, weight)
-    got = quant_matmul(TYPES[name], x, blocks)
+    got = quant_matmul(TYPES[name], x, pack_blocks(TYPES[name], blocks))
     assert got.shape == expected.shape
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
@@ -62,7 +69,7 @@ def test_linear_uses_blocks_for_few_rows_and_float_weight_for_many():
     layer = Linear(64, 48)
     with torch.no_grad():
         layer.weight.copy_(weight)
-    layer.quantized = QuantizedWeight(TYPES["Q4_1"], blocks)
+    layer.quantized = QuantizedWeight(TYPES["Q4_1"], pack_blocks(TYPES["Q4_1"], blocks))
     many = torch.randn(MAX_QUANTIZED_ROWS + 1, 64)
     assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))  # float path, bit for bit
     few = many[:3]

@@ -111,6 +111,17 @@ def qtype_of(blocks: torch.Tensor, in_features: int) -> int | None:
     return next((qtype for qtype, size in BLOCK_BYTES.items() if size == per_block), None)
 
 
+def pack_blocks(qtype: int, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF block rows -> the kernels' row layout (same bytes, regrouped per row): all f16 scales, then (Q4_1) all
+    f16 offsets, then all quant bytes, so the kernels convert eight blocks' scales in one vector and read a row
+    front to back."""
+    rows = blocks.shape[0]
+    per_block = blocks.view(rows, -1, BLOCK_BYTES[qtype])
+    header = 4 if qtype == gguf.GGMLQuantizationType.Q4_1 else 2
+    parts = [*(per_block[:, :, i:i + 2] for i in range(0, header, 2)), per_block[:, :, header:]]
+    return torch.cat([part.reshape(rows, -1) for part in parts], dim=1)
+
+
 class _Scratch(threading.local):
     """Per-thread scratch buffers, grown on demand: allocating them on every call costs more than small kernels."""
 
@@ -128,7 +139,7 @@ _scratch = _Scratch()
 
 
 def quant_matmul(qtype: int, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 @ W.T, W being `blocks` ([N, K / 32 * block bytes], GGUF layout): [M, N] float32."""
+    """x [M, K] float32 @ W.T, W being `blocks` ([N, K / 32 * block bytes], pack_blocks' layout): [M, N] float32."""
     lib = _required_library()
     x = x.contiguous()
     rows, in_features = x.shape

@@ -23,7 +23,7 @@ MAX_QUANTIZED_ROWS = 32
 @dataclass
 class QuantizedWeight:
     qtype: int            # ggml type number
-    blocks: torch.Tensor  # uint8 [out_features, row bytes], rows in the same order as the float weight
+    blocks: torch.Tensor  # uint8 [out_features, row bytes] in native.pack_blocks' layout, rows as the float weight's
 
 
 class Linear(nn.Linear):

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from lmserve.kernels.native import qtype_of
+from lmserve.kernels.native import pack_blocks, qtype_of
 from lmserve.layers.linear import Linear, QuantizedWeight
 from lmserve.weights.errors import ModelLoadError
 
@@ -62,4 +62,4 @@ def attach_quantized(model: nn.Module, blocks: Tensors, mapper: NameMapper,
         stacked = torch.cat([shards[name][i] for i in range(len(shards[name]))])
         qtype = qtype_of(stacked, module.in_features)
         if qtype is not None and stacked.shape[0] == module.out_features:
-            module.quantized = QuantizedWeight(qtype, stacked)
+            module.quantized = QuantizedWeight(qtype, pack_blocks(qtype, stacked))
