@@ -3,6 +3,7 @@
  * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
  * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each (sequence, kv head) pair
  * walks its block table and reads K and V rows in place, once for all the query heads that share them (GQA).
+ * Pairs are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
  * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D], slot = block * block_size + offset.
  * block_tables: [S, max_blocks].  context_lens: [S] tokens each query attends to (itself included).
@@ -76,7 +77,7 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
                            float *out) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
     const int64_t group = H / KVH;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t s = 0; s < S; s++) {
         for (int64_t kvh = 0; kvh < KVH; kvh++) {
             const int64_t n = context_lens[s];

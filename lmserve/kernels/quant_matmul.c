@@ -4,8 +4,10 @@
  * in float32. Expanding every block to floats costs more than reading it, so x is quantized too, per block of 32,
  * to int16 with a float scale, and each block product is an integer dot product (madd). int16 keeps the rounding
  * of x near 1e-5 relative -- far below llama.cpp's int8 activations, so results stay within float noise of a
- * float32 product of the same weights. One expanded weight block serves up to ROWS rows of x. Threads split the
- * output columns; the OpenMP runtime is the one torch already loaded (same soname), so they never compete.
+ * float32 product of the same weights. One expanded weight block serves up to ROWS rows of x. Threads take the
+ * output columns in shrinking chunks (guided), so a thread that loses its core for a while (to the server's event
+ * loop, a client, the hypervisor) does not hold the product up; the OpenMP runtime is the one torch already
+ * loaded (same soname), so the two never compete.
  *
  * Weight rows come in the kernels' layout (native.pack_blocks): GGUF's bytes regrouped per row as all f16 scales
  * d, then (Q4_1) all f16 offsets m, then all quants, so eight blocks' scales convert in one vector op.
@@ -195,7 +197,7 @@ int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t 
     const int64_t blocks = K / QK;
     const int64_t row_bytes = blocks * block_bytes(qtype);
     for (int64_t i = 0; i < M * blocks; i++) quantize_block(x + i * QK, xq + i * QK, xscale + i, xsum + i);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(guided)
     for (int64_t n = 0; n < N; n += COLS)
         for (int64_t m = 0; m < M; m += ROWS)
             tile(w + n * row_bytes, row_bytes, N - n, blocks, xq + m * K, xscale + m * blocks, xsum + m * blocks, K,
