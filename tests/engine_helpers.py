@@ -36,4 +36,7 @@ def assert_all_blocks_free(llm: LLM) -> None:
     stats = llm.engine.stats()
     assert stats.kv_blocks_used == 0 and stats.kv_blocks_free == stats.kv_blocks_total
     assert stats.num_requests_running == 0 and stats.num_requests_waiting == 0
-    assert all(b.ref_count == 0 for b in llm.engine.block_manager.blocks)
+    blocks = llm.engine.block_manager.blocks
+    assert all(b.ref_count == 0 for b in blocks)
+    # the running count of free blocks that hold a cached prefix agrees with a recount
+    assert stats.kv_blocks_cached_free == sum(b.block_hash is not None for b in blocks)

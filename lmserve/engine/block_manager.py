@@ -31,6 +31,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU first
         self.cached: dict[bytes, int] = {}
+        self.num_cached_free_blocks = 0    # free blocks holding a cached prefix (counted as they change: read per step)
         self.salt = os.urandom(16)
         self.prefix_cache_queries = 0      # prompt tokens looked up
         self.prefix_cache_hits = 0         # of which found in the cache
@@ -42,10 +43,6 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
-
-    @property
-    def num_cached_free_blocks(self) -> int:
-        return sum(1 for i in self.free_blocks if self.blocks[i].block_hash is not None)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -95,6 +92,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
+                self.num_cached_free_blocks += block.block_hash is not None
         seq.block_table, seq.num_registered_blocks = [], 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
@@ -118,12 +116,14 @@ class BlockManager:
         for block in self.blocks:
             block.block_hash, block.token_ids = None, ()
         self.cached.clear()
+        self.num_cached_free_blocks = 0
 
     def _take(self, block_id: int) -> int:
         """One more user of a block whose contents are wanted (a prefix hit or a shared prompt block)."""
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_blocks[block_id]
+            self.num_cached_free_blocks -= block.block_hash is not None
         block.ref_count += 1
         return block_id
 
@@ -132,6 +132,7 @@ class BlockManager:
         block_id, _ = self.free_blocks.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:
+            self.num_cached_free_blocks -= 1
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
             block.block_hash, block.token_ids = None, ()
