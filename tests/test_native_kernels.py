@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from gguf_export import export_gguf
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
+import lmserve.models.llama as llama
 from lmserve.engine.config import EngineConfig
 from lmserve.kernels.native import (
     BLOCK_BYTES,
@@ -22,6 +23,7 @@ from lmserve.kernels.native import (
     quant_matmul,
 )
 from lmserve.layers.attention import AttentionMetadata, KVCache, _decode_attention, _gather_context
+from lmserve.layers.fused_decode import fused_llama_decode
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
 from lmserve.loader import load_model
 
@@ -117,14 +119,15 @@ def test_decode_attention_refuses_head_sizes_it_cannot_vectorize():
 
 @needs_kernels
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "llama-mha-untied"])
-def test_fused_decode_layer_matches_the_torch_layers(tmp_path, name):
-    """Whole-layer C decode against the same model's torch layers: hidden states and the K/V it stores."""
+def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, monkeypatch):
+    """Whole-stack C decode against the same model's torch layers: hidden states and the K/V it stores."""
     make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
     lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
     model, c = lm.model, lm.config
-    specs = [layer.fused for layer in model.layers]
-    assert all(spec is not None for spec in specs)
+    assert model.fused_stack is not None and len(model.fused_stack) == c.num_layers
+    calls = []
+    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
     block_size, prompts = 4, [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4]]
     tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
     cache = KVCache.allocate(c.num_layers, 10, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
@@ -135,8 +138,8 @@ def test_fused_decode_layer_matches_the_torch_layers(tmp_path, name):
         ids = torch.tensor([40, 41, 42])
         fused_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
         fused = model(ids, step, fused_cache)
-        for layer in model.layers:
-            layer.fused = None
+        assert calls == [1]  # decode took the C stack (the prefill above did not)
+        model.fused_stack = None
         expected = model(ids, step, cache)
     # Both paths quantize each product's input to int16 (steps of max|x| / 32767), so float-rounding differences
     # in those inputs can move a value by one step: ~1e-4 of the norm is that noise; a wrong layer is off by ~1.

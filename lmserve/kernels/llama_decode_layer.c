@@ -1,12 +1,15 @@
-/* One Llama-family decoder layer for a decode step (one new token per sequence), float32, in a single call.
+/* The Llama-family decoder layers of a decode step (one new token per sequence), float32, in a single call.
  *
  * At one to a few dozen tokens a step, a layer's arithmetic takes less time than dispatching its ~25 torch ops
  * one by one. This runs the whole layer -- RMSNorm, q/k/v product, rotary, KV store, paged attention, output
  * product, residual, RMSNorm, gate/up product, SiLU * up, down product, residual -- from C, on the GGUF blocks,
  * with the same arithmetic as lmserve's torch path (up to the order of float sums).
  *
+ * The whole stack goes in one call too: between layers, Python glue (module calls, views of the cache, argument
+ * marshalling) costs more than a layer's arithmetic at batch 1.
+ *
  * x: [M, hidden], the residual stream, updated in place. cos, sin: [M, rotary_dim] (rotate-half convention).
- * k_cache, v_cache: this layer's [slots, kv_heads, head_dim]. scratch: llama_decode_scratch_bytes() bytes.
+ * k_cache, v_cache: [layers, slots, kv_heads, head_dim]. scratch: llama_decode_scratch_bytes() bytes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,12 +37,22 @@ typedef struct {
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
-int64_t llama_decode_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_context) {
+static int64_t layer_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_context) {
     const int64_t qkv = (L->heads + 2 * L->kv_heads) * L->head_dim, q = L->heads * L->head_dim;
     const int64_t widest_input = max3(L->hidden, q, L->intermediate);
     const int64_t floats = M * (L->hidden + qkv + 2 * q + 2 * L->intermediate + L->intermediate + L->hidden)
                            + M * L->heads * max_context + 2 * M * (widest_input / 32);
     return 4 * floats + 2 * M * widest_input;
+}
+
+/* Scratch for llama_decode_stack: what the widest of the layers needs. */
+int64_t llama_decode_scratch_bytes(const LlamaLayer *layers, int64_t num_layers, int64_t M, int64_t max_context) {
+    int64_t bytes = 0;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const int64_t layer = layer_scratch_bytes(&layers[l], M, max_context);
+        bytes = layer > bytes ? layer : bytes;
+    }
+    return bytes;
 }
 
 static void rms_norm(const float *x, const float *weight, int64_t M, int64_t n, float eps, float *out) {
@@ -77,7 +90,7 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 }
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
-int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
+static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
                        float *k_cache, float *v_cache, const int64_t *slot_mapping, const int64_t *block_tables,
                        int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
@@ -116,5 +129,17 @@ int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
         }
     if (linear(&L->down, act, M, inter, hidden, delta, &qs)) return -1;
     for (int64_t i = 0; i < M * hidden; i++) x[i] += delta[i];
+    return 0;
+}
+
+/* Layers [0, num_layers) in turn; layer l's cache starts layer_stride floats after layer l - 1's. */
+int llama_decode_stack(const LlamaLayer *layers, int64_t num_layers, float *x, int64_t M, const float *cos,
+                       const float *sin, float *k_cache, float *v_cache, int64_t layer_stride,
+                       const int64_t *slot_mapping, const int64_t *block_tables, int64_t max_blocks,
+                       const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
+    for (int64_t l = 0; l < num_layers; l++)
+        if (llama_decode_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride, v_cache + l * layer_stride,
+                               slot_mapping, block_tables, max_blocks, context_lens, block_size, scratch))
+            return -1;
     return 0;
 }

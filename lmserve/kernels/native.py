@@ -70,11 +70,11 @@ def _library() -> ctypes.CDLL | None:
                                            size, ctypes.c_float, pointer, size, pointer]
     lib.paged_decode_attention.restype = ctypes.c_int
     layer = ctypes.POINTER(LlamaLayerSpec)
-    lib.llama_decode_scratch_bytes.argtypes = [layer, size, size]
+    lib.llama_decode_scratch_bytes.argtypes = [layer, size, size, size]
     lib.llama_decode_scratch_bytes.restype = size
-    lib.llama_decode_layer.argtypes = [layer, pointer, size, pointer, pointer, pointer, pointer, pointer, pointer, size,
-                                       pointer, size, pointer]
-    lib.llama_decode_layer.restype = ctypes.c_int
+    lib.llama_decode_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, size, pointer,
+                                       pointer, size, pointer, size, pointer]
+    lib.llama_decode_stack.restype = ctypes.c_int
     return lib
 
 
@@ -174,17 +174,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def llama_decode_layer(spec: LlamaLayerSpec, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def llama_decode_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """A whole Llama decoder layer for one new token per sequence; x ([seqs, hidden] float32, contiguous) is the
-    residual stream, updated in place and returned."""
+    """Every Llama decoder layer (`layers`, one LlamaLayerSpec each) for one new token per sequence; x ([seqs,
+    hidden] float32, contiguous) is the residual stream, updated in place and returned. k_cache / v_cache:
+    [layers, slots, kv_heads, head_dim], contiguous."""
     lib = _required_library()
     rows, max_blocks = x.shape[0], block_tables.shape[1]
-    scratch = _scratch.get("layer", lib.llama_decode_scratch_bytes(spec, rows, max_blocks * block_size), torch.uint8)
-    status = lib.llama_decode_layer(spec, x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                                    v_cache.data_ptr(), slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
+    scratch_bytes = lib.llama_decode_scratch_bytes(layers, len(layers), rows, max_blocks * block_size)
+    scratch = _scratch.get("layers", scratch_bytes, torch.uint8)
+    status = lib.llama_decode_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(),
+                                    slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
                                     context_lens.data_ptr(), block_size, scratch.data_ptr())
     if status != 0:
-        raise ValueError("llama_decode_layer: a product or the attention refused its shapes")
+        raise ValueError("llama_decode_stack: a product or the attention refused its shapes")
     return x

@@ -1,17 +1,18 @@
-"""Whole-layer decode in one C call, for Llama blocks whose four linears hold GGUF blocks.
+"""Whole-stack decode in one C call, for Llama models whose every layer's four linears hold GGUF blocks.
 
-A decode step at batch 1 spends more time dispatching a layer's ~25 small torch ops than computing them; the C
-layer (kernels/llama_decode_layer.c) does the same arithmetic in one call. Prefill, bf16, and layers without
-quantized weights keep the torch path.
+A decode step at batch 1 spends more time dispatching a layer's ~25 small torch ops, and the Python between
+layers, than computing them; the C stack (kernels/llama_decode_layer.c) does the same arithmetic in one call.
+Prefill, bf16, and models with a layer lacking quantized weights keep the torch path.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.kernels.native import LlamaLayerSpec, QuantLinearSpec, kernels_available, llama_decode_layer
+from lmserve.kernels.native import LlamaLayerSpec, QuantLinearSpec, kernels_available, llama_decode_stack
 from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear
 
@@ -37,15 +38,21 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
         block.post_attention_layernorm.weight.data_ptr(), *map(_linear_spec, linears))
 
 
+def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
+    """The C description of every layer (the tensors it points into must outlive it), or None when one layer
+    cannot run fused."""
+    specs = [llama_layer_spec(block) for block in blocks]
+    return None if not specs or None in specs else (LlamaLayerSpec * len(specs))(*specs)
+
+
 def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
     return meta.max_query_len == 1 and x.shape[0] <= MAX_QUANTIZED_ROWS and x.is_contiguous()
 
 
-def fused_llama_decode(spec: LlamaLayerSpec, layer_index: int, x: torch.Tensor,
-                       rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                       kv_cache: KVCache) -> torch.Tensor:
-    """The block's output for a decode step; x (the residual stream, owned by the forward pass) is updated in
+def fused_llama_decode(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                       meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+    """The last layer's output for a decode step; x (the embeddings, owned by the forward pass) is updated in
     place."""
     cos, sin = (t.contiguous() for t in rotary)
-    return llama_decode_layer(spec, x, cos, sin, kv_cache.k[layer_index], kv_cache.v[layer_index],
-                              meta.slot_mapping, meta.block_tables, meta.context_lens, meta.block_size)
+    return llama_decode_stack(stack, x, cos, sin, kv_cache.k, kv_cache.v, meta.slot_mapping, meta.block_tables,
+                              meta.context_lens, meta.block_size)

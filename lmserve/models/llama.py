@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.config import ModelConfig
-from lmserve.kernels.native import LlamaLayerSpec
 from lmserve.layers.attention import AttentionMetadata, KVCache
-from lmserve.layers.fused_decode import fused_decode_applies, fused_llama_decode, llama_layer_spec
+from lmserve.layers.fused_decode import fused_decode_applies, fused_llama_decode, llama_stack_spec
 from lmserve.layers.linear import Linear
 from lmserve.layers.norms import RMSNorm
 from lmserve.layers.self_attention import SelfAttention
@@ -36,7 +37,6 @@ class LlamaBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index, self.hidden_size, self.rotary_dim = layer_index, config.hidden_size, config.rotary_dim
-        self.fused: LlamaLayerSpec | None = None  # set once the linears hold GGUF blocks (see attach_quantized)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = SelfAttention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -44,8 +44,6 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
-        if self.fused is not None and fused_decode_applies(x, meta):
-            return fused_llama_decode(self.fused, self.layer_index, x, rotary, meta, kv_cache)
         x = x + self.self_attn(self.input_layernorm(x), rotary, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -57,11 +55,17 @@ class LlamaForCausalLM(DecoderLM):
         super().__init__(config)
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.fused_stack: ctypes.Array | None = None  # set once the linears hold GGUF blocks (see attach_quantized)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        if self.fused_stack is None or not fused_decode_applies(input_ids, meta):
+            return super().forward(input_ids, meta, kv_cache)
+        x = self.embed_tokens(input_ids)
+        return self.norm(fused_llama_decode(self.fused_stack, x, self.rotary(meta.positions, x.dtype), meta, kv_cache))
 
     def attach_quantized(self, blocks: Tensors) -> None:
         super().attach_quantized(blocks)
-        for layer in self.layers:
-            layer.fused = llama_layer_spec(layer)
+        self.fused_stack = llama_stack_spec(list(self.layers))
 
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
