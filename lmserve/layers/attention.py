@@ -9,6 +9,7 @@ lmserve's C kernel, which reads K/V in place from the blocks; other steps gather
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -40,47 +41,49 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor   # [tokens] cache slot each new token's K/V is written to
     block_tables: torch.Tensor   # [seqs, max_blocks] blocks each sequence reads, padded with block 0
     context_lens: torch.Tensor   # [seqs] cached + new tokens of each sequence
-    mask: torch.Tensor           # [seqs, 1, max_query, max_blocks * block_size] True where attention is allowed
-    query_index: torch.Tensor    # [tokens] row of each token in the padded [seqs * max_query] layout
+    query_lens: torch.Tensor     # [seqs] new tokens of each sequence
     max_query_len: int
     block_size: int
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> AttentionMetadata:
-        """query_lens: new tokens per sequence; context_lens: cached + new tokens per sequence."""
-        q_lens = torch.tensor(query_lens, dtype=torch.long)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.long)
-        num_seqs, max_q, max_ctx = len(query_lens), max(query_lens), max(context_lens)
-        max_blocks = max(len(t) for t in block_tables)
-        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        """query_lens: new tokens per sequence; context_lens: cached + new tokens per sequence. Computed on Python
+        lists: a decode step's metadata is a few dozen numbers, where each torch op would cost more than its
+        arithmetic (twenty of them were 5% of a batch-1 step)."""
+        width = -(-max(context_lens) // block_size)  # blocks of the longest context
+        positions, slots = [], []
+        for q, c, table in zip(query_lens, context_lens, block_tables, strict=True):
+            for p in range(c - q, c):
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        tables = [table[:width] + [0] * (width - len(table[:width])) for table in block_tables]
 
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        offset_in_query = torch.arange(int(q_lens.sum())) - starts[seq_of_token]
-        positions = (ctx_lens - q_lens)[seq_of_token] + offset_in_query
-        slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
 
-        tables = tables[:, : -(-max_ctx // block_size)]
-        key_pos = torch.arange(tables.shape[1] * block_size)
+        return cls(tensor(positions), tensor(slots), tensor(tables), tensor(context_lens), tensor(query_lens),
+                   max(query_lens), block_size)
+
+    @cached_property
+    def query_index(self) -> torch.Tensor:
+        """[tokens] row of each token in the padded [seqs * max_query] layout (torch's attention path only)."""
+        q_lens = self.query_lens
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+        offset_in_query = self.positions - (self.context_lens - q_lens)[seq_of_token]
+        return seq_of_token * self.max_query_len + offset_in_query
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[seqs, 1, max_query, max_blocks * block_size] True where attention is allowed (torch's path only)."""
+        ctx_lens, q_lens, device = self.context_lens, self.query_lens, self.context_lens.device
+        key_pos = torch.arange(self.block_tables.shape[1] * self.block_size, device=device)
         key_valid = key_pos[None, :] < ctx_lens[:, None]
-
-        query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]
-        query_valid = torch.arange(max_q)[None, :] < q_lens[:, None]
+        query_offset = torch.arange(self.max_query_len, device=device)[None, :]
+        query_pos = (ctx_lens - q_lens)[:, None] + query_offset
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
-        mask = torch.where(query_valid[:, :, None], mask, key_pos[None, None, :] == 0)  # padding rows: no NaNs
-        return cls(
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
-            block_tables=tables.contiguous().to(device),
-            context_lens=ctx_lens.to(device),
-            mask=mask[:, None].to(device),
-            query_index=(seq_of_token * max_q + offset_in_query).to(device),
-            max_query_len=max_q,
-            block_size=block_size,
-        )
+        mask = torch.where((query_offset < q_lens[:, None])[:, :, None], mask, key_pos[None, None, :] == 0)
+        return mask[:, None]  # padding rows (past a sequence's queries) see key 0 only: no NaNs
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
