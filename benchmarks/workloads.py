@@ -140,19 +140,17 @@ def _server(label: str, args: Any, anchors: Anchors, smoke: bool) -> ServerSpec:
                               str(slots * SLOT_CTX), "-cb", "--no-cache-prompt", "-cram", "0", "-t", "2"], port)
 
 
-def lmserve_weights(lm_args: list[str]) -> str:
-    """What lmserve will really run with these options on this machine (its `auto` choices resolved)."""
-    import torch
-
+def lmserve_weights(model: str, lm_args: list[str]) -> str:
+    """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
     from lmserve.kernels.native import kernels_available
-    from lmserve.platform import auto_dtype
+    from lmserve.loader import resolve_dtype
 
     def option(name: str) -> str:
         return lm_args[lm_args.index(name) + 1] if name in lm_args[:-1] else "auto"
 
-    dtype = option("--dtype")
-    dtype = str(auto_dtype(torch.device("cpu"))).removeprefix("torch.") if dtype == "auto" else dtype
-    decode_blocks = option("--quantization") == "auto" and dtype == "float32" and kernels_available()
+    quantization = option("--quantization")
+    dtype = str(resolve_dtype(model, option("--dtype"), quantization=quantization)).removeprefix("torch.")
+    decode_blocks = quantization == "auto" and dtype == "float32" and kernels_available()
     return f"{dtype} + Q4_1 blocks in decode" if decode_blocks else dtype
 
 
@@ -160,7 +158,7 @@ def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[st
     """Every run of `workload` for the selected engines, repeats outermost (A B C A B C ...)."""
     w = workload.smoke() if args.smoke else workload
     variants: list[tuple[str, str, str, str, str]] = []   # engine, label, kind, how, dtype
-    lm_dtype = lmserve_weights(shlex.split(args.lmserve_args))
+    lm_dtype = lmserve_weights(str(anchors.gguf_q4_1), shlex.split(args.lmserve_args))
     for engine in args.engines:
         if engine != "lmserve":
             status = anchors.status(engine)

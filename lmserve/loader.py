@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import torch
@@ -17,6 +18,9 @@ from lmserve.platform import auto_dtype
 from lmserve.weights import hf_dir
 from lmserve.weights.resolve import resolve_model_path
 from lmserve.weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+if TYPE_CHECKING:
+    from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -62,9 +66,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         from lmserve.weights.gguf_checkpoint import GGUFCheckpoint  # the gguf reader is only needed here
 
         checkpoint = GGUFCheckpoint(path)
-        if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, torch_device)
-                and checkpoint.has_blocks(frozenset(BLOCK_BYTES))):
-            torch_dtype = torch.float32  # decode on the blocks beats bf16 products, even where bf16 is native
+        torch_dtype = _gguf_dtype(checkpoint, dtype, quantization, torch_device, torch_dtype)
         config = ModelConfig.from_hf(checkpoint.hf_config, str(path))
         weights = checkpoint.tensors(torch_dtype)
         tok = None if tokenizer else tokenizer_from_gguf(checkpoint)
@@ -81,6 +83,25 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
                                   if isinstance(m, Linear) and m.quantized is not None}))
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
+
+
+def resolve_dtype(model: str, dtype: str = "auto", device: str = "cpu", quantization: str = "auto") -> torch.dtype:
+    """The dtype load_model runs `model` in with these options (its auto choices resolved), for reports."""
+    path, torch_device = resolve_model_path(model), torch.device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    if path.suffix != ".gguf":
+        return torch_dtype
+    from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
+
+    return _gguf_dtype(GGUFCheckpoint(path), dtype, quantization, torch_device, torch_dtype)
+
+
+def _gguf_dtype(checkpoint: GGUFCheckpoint, dtype: str | torch.dtype, quantization: str, device: torch.device,
+                parsed: torch.dtype) -> torch.dtype:
+    if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, device)
+            and checkpoint.has_blocks(frozenset(BLOCK_BYTES))):
+        return torch.float32  # decode on the blocks beats bf16 products, even where bf16 is native
+    return parsed
 
 
 def _kernels_apply(dtype: torch.dtype, device: torch.device) -> bool:

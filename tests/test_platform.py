@@ -9,7 +9,7 @@ from tiny_models import ALL_CONFIGS, make_tiny_model
 
 from lmserve import platform
 from lmserve.kernels.native import kernels_available
-from lmserve.loader import load_model, parse_dtype
+from lmserve.loader import load_model, parse_dtype, resolve_dtype
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -39,3 +39,8 @@ def test_auto_dtype_keeps_float32_where_the_kernels_read_a_ggufs_blocks(monkeypa
     assert quantized.dtype == torch.float32 and quantized.quantized_types == ("Q8_0",)
     assert load_model(str(tmp_path / "Q8_0.gguf"), quantization="none").dtype == torch.bfloat16
     assert load_model(str(tmp_path / "F16.gguf")).dtype == torch.bfloat16
+    # resolve_dtype (what reports print) agrees without loading the weights
+    assert resolve_dtype(str(tmp_path / "Q8_0.gguf")) == torch.float32
+    assert resolve_dtype(str(tmp_path / "Q8_0.gguf"), quantization="none") == torch.bfloat16
+    assert resolve_dtype(str(tmp_path / "F16.gguf")) == torch.bfloat16
+    assert resolve_dtype(str(tmp_path / "hf")) == torch.bfloat16
