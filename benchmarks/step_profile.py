@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--quantization", default="auto")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--label", default="lmserve")
     args = p.parse_args()
     print("| path | seqs | step ms | " + " | ".join(f"{part} ms" for part in PARTS) + " |")
@@ -86,7 +87,8 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     instrument_layers(spent)
     for batch in args.batch:
-        llm = LLM(args.model, quantization=args.quantization, kv_cache_memory_gb=1, enable_prefix_caching=False)
+        llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory_gb=1,
+                  enable_prefix_caching=False)
         r = profile(llm, spent, batch, args.steps)
         parts = " | ".join(f"{r[part]:.1f} ({100 * r[part] / r['step']:.0f}%)" for part in PARTS)
         print(f"| {args.label} | {batch} | {r['step']:.1f} | {parts} |", flush=True)

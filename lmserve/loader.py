@@ -14,7 +14,7 @@ from lmserve.config import ModelConfig
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available
 from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
-from lmserve.platform import auto_dtype
+from lmserve.platform import auto_dtype, has_fast_bf16
 from lmserve.weights import hf_dir
 from lmserve.weights.resolve import resolve_model_path
 from lmserve.weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -58,7 +58,8 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
                device: str = "cpu", quantization: str = "auto") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
     `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not.
-    With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations)."""
+    With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
+    linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively."""
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -82,6 +83,8 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
         quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
                                   if isinstance(m, Linear) and m.quantized is not None}))
+        if quantized and dtype == "auto" and has_fast_bf16(torch_device):
+            module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 
 

@@ -66,16 +66,23 @@ def test_block_type_is_read_off_the_row_length(name):
 
 
 @needs_kernels
-def test_linear_uses_blocks_for_few_rows_and_float_weight_for_many():
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.bfloat16])
+def test_linear_uses_blocks_for_few_rows_and_float_weight_for_many(float_dtype):
     blocks, weight = quantized("Q4_1", 48, 64)
     layer = Linear(64, 48)
     with torch.no_grad():
         layer.weight.copy_(weight)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(float_dtype), requires_grad=False)
     layer.quantized = QuantizedWeight(TYPES["Q4_1"], pack_blocks(TYPES["Q4_1"], blocks))
-    many = torch.randn(MAX_QUANTIZED_ROWS + 1, 64)
-    assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))  # float path, bit for bit
+    assert layer.max_quantized_rows == MAX_QUANTIZED_ROWS[float_dtype]
+    many = torch.randn(layer.max_quantized_rows + 1, 64)
+    if float_dtype == torch.float32:
+        float_path = F.linear(many, layer.weight, layer.bias)
+    else:  # products in bf16, the result and its bias in float32
+        float_path = F.linear(many.to(float_dtype), layer.weight).float() + layer.bias
+    assert torch.equal(layer(many), float_path)  # float path, bit for bit (float32 activations either way)
     few = many[:3]
-    got, expected = layer(few), F.linear(few, layer.weight, layer.bias)
+    got, expected = layer(few), F.linear(few, weight, layer.bias)
     assert not torch.equal(got, expected)  # really the kernel (int16 activations round differently)...
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4  # ...and right
 
@@ -93,10 +100,10 @@ def test_quantization_option_is_validated():
 
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(6, 2, 16), (4, 1, 8), (3, 3, 64), (9, 3, 64)])
-def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim):
+@pytest.mark.parametrize("context_lens", [[1, 5, 17, 40, 8], [17, 3]])  # a work item per sequence / per kv head
+def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim, context_lens):
     gen = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 4, 40
-    context_lens = [1, 5, 17, 40, 8]
     free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, shuffled blocks
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
     meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size)

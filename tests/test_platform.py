@@ -1,4 +1,5 @@
-"""dtype='auto' picks bf16 only where the CPU computes it natively, and not for GGUF blocks the kernels read."""
+"""dtype='auto' picks bf16 only where the CPU computes it natively; for GGUF blocks the kernels read, float32
+activations with bf16 float weights there."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from tiny_models import ALL_CONFIGS, make_tiny_model
 
 from lmserve import platform
 from lmserve.kernels.native import kernels_available
+from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.linear import Linear
 from lmserve.loader import load_model, parse_dtype, resolve_dtype
 
 
@@ -44,3 +47,29 @@ def test_auto_dtype_keeps_float32_where_the_kernels_read_a_ggufs_blocks(monkeypa
     assert resolve_dtype(str(tmp_path / "Q8_0.gguf"), quantization="none") == torch.bfloat16
     assert resolve_dtype(str(tmp_path / "F16.gguf")) == torch.bfloat16
     assert resolve_dtype(str(tmp_path / "hf")) == torch.bfloat16
+
+
+@pytest.mark.skipif(not kernels_available(), reason="needs lmserve's CPU kernels")
+def test_auto_on_a_bf16_cpu_multiplies_many_rows_in_bf16_and_few_on_the_blocks(monkeypatch, tmp_path):
+    """`auto` on a bf16 CPU: float32 activations; the linears keep blocks (few rows) and a bf16 float weight (prefill,
+    large batches); the embedding stays float32 (the tied LM head gets its own copy). Logits stay near float32's."""
+    monkeypatch.setattr(platform, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "q.gguf", "Q8_0")
+    mixed, reference = load_model(str(tmp_path / "q.gguf")), load_model(str(tmp_path / "q.gguf"), dtype="float32")
+    linears = [m for m in mixed.model.modules() if isinstance(m, Linear)]
+    assert mixed.dtype == torch.float32 and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(m.quantized is not None for m in linears)
+    assert mixed.model.embed_tokens.weight.dtype == torch.float32
+    assert mixed.model.lm_head.weight is not mixed.model.embed_tokens.weight
+    c = mixed.config
+    for rows in (12, 2):  # bf16 GEMMs, then the blocks
+        logits = []
+        for lm in (mixed, reference):
+            cache = KVCache.allocate(c.num_layers, 4, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+            meta = AttentionMetadata.build([rows], [rows], [[0, 1, 2, 3]], 4)
+            with torch.inference_mode():
+                hidden = lm.model(torch.arange(3, 3 + rows), meta, cache)
+                logits.append(lm.model.compute_logits(hidden))
+        assert logits[0].dtype == torch.float32
+        assert ((logits[0] - logits[1]).norm() / logits[1].norm()).item() < 2e-2

@@ -3,13 +3,14 @@
  * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
  * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each (sequence, kv head) pair
  * walks its block table and reads K and V rows in place, once for all the query heads that share them (GQA).
- * Pairs are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
+ * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
  * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D], slot = block * block_size + offset.
  * block_tables: [S, max_blocks].  context_lens: [S] tokens each query attends to (itself included).
  * scores: scratch [S, H, max_context].
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 /* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
@@ -70,45 +71,52 @@ static float softmax_unnormalized(float *scores, int64_t n) {
     return sum;
 }
 
+/* The query heads of kv heads [kvh, kvh + count) of one sequence (q, out: its [H, D] rows; sc: its [H, max_context]
+ * scores). Token-major: each token's K (then V) rows of those kv heads are one contiguous read. */
+static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t n,
+                   int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size, float scale,
+                   float *sc, int64_t max_context, float *out) {
+    const int64_t first = kvh * group, heads = count * group; /* the query heads served */
+    for (int64_t t = 0; t < n; t++) {
+        const float *k = k_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        for (int64_t h = 0; h < heads; h++)
+            sc[(first + h) * max_context + t] = dot(q + (first + h) * D, k + h / group * D, D) * scale;
+    }
+    float inv_sum[heads];
+    for (int64_t h = 0; h < heads; h++) inv_sum[h] = 1.0f / softmax_unnormalized(sc + (first + h) * max_context, n);
+    float *o = out + first * D;
+    for (int64_t i = 0; i < heads * D; i++) o[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float *v = v_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        for (int64_t h = 0; h < heads; h++) {
+            const __m256 p = _mm256_set1_ps(sc[(first + h) * max_context + t]);
+            const float *vh = v + h / group * D;
+            float *oh = o + h * D;
+            for (int64_t i = 0; i < D; i += 8)
+                _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vh + i), _mm256_loadu_ps(oh + i)));
+        }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        const __m256 inv = _mm256_set1_ps(inv_sum[h]);
+        for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(o + h * D + i, _mm256_mul_ps(inv, _mm256_loadu_ps(o + h * D + i)));
+    }
+}
+
 /* Returns 0, or -1 when head_dim is not a multiple of 8 or the heads do not group evenly. */
 int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
                            float *out) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
-    const int64_t group = H / KVH;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int64_t s = 0; s < S; s++) {
-        for (int64_t kvh = 0; kvh < KVH; kvh++) {
-            const int64_t n = context_lens[s];
-            const int64_t *table = block_tables + s * max_blocks;
-            const float *qs = q + (s * H + kvh * group) * D;
-            float *sc = scores + (s * H + kvh * group) * max_context;
-            for (int64_t t = 0; t < n; t++) {
-                const int64_t slot = table[t / block_size] * block_size + t % block_size;
-                const float *k = k_cache + (slot * KVH + kvh) * D;
-                for (int64_t g = 0; g < group; g++) sc[g * max_context + t] = dot(qs + g * D, k, D) * scale;
-            }
-            float inv_sum[group];
-            for (int64_t g = 0; g < group; g++) inv_sum[g] = 1.0f / softmax_unnormalized(sc + g * max_context, n);
-            float *o = out + (s * H + kvh * group) * D;
-            for (int64_t i = 0; i < group * D; i++) o[i] = 0.0f;
-            for (int64_t t = 0; t < n; t++) {
-                const int64_t slot = table[t / block_size] * block_size + t % block_size;
-                const float *v = v_cache + (slot * KVH + kvh) * D;
-                for (int64_t g = 0; g < group; g++) {
-                    const __m256 p = _mm256_set1_ps(sc[g * max_context + t]);
-                    float *og = o + g * D;
-                    for (int64_t i = 0; i < D; i += 8)
-                        _mm256_storeu_ps(og + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(og + i)));
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                const __m256 inv = _mm256_set1_ps(inv_sum[g]);
-                for (int64_t i = 0; i < D; i += 8)
-                    _mm256_storeu_ps(o + g * D + i, _mm256_mul_ps(inv, _mm256_loadu_ps(o + g * D + i)));
-            }
-        }
+    /* Enough sequences to keep every thread busy: one work item each, reading whole K/V rows. Fewer: one item
+     * per (sequence, kv head), so that a single stream still uses every core. */
+    const int64_t per_item = S >= 2 * omp_get_max_threads() ? KVH : 1, items = S * (KVH / per_item);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t s = i / (KVH / per_item), kvh = i % (KVH / per_item) * per_item;
+        attend(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks, context_lens[s], kvh, per_item, KVH,
+               H / KVH, D, block_size, scale, scores + s * H * max_context, max_context, out + s * H * D);
     }
     return 0;
 }

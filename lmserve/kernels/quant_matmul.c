@@ -110,7 +110,8 @@ static inline __attribute__((always_inline)) void dot_tile(const int qtype, cons
             const __m256 d = load_halves(scales + 2 * g, n);
             const __m256 m = qtype == Q4_1 ? load_halves(offsets + 2 * g, n) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
             for (int r = 0; r < rows; r++) {
-                _mm256_storeu_ps(dx[c * rows + r] + g, _mm256_mul_ps(d, load_floats(xscale + r * blocks + first + g, n)));
+                const __m256 xs = load_floats(xscale + r * blocks + first + g, n);
+                _mm256_storeu_ps(dx[c * rows + r] + g, _mm256_mul_ps(d, xs));
                 if (qtype != Q8_0)
                     offset[c * rows + r] =
                         _mm256_fmadd_ps(m, load_floats(xsum + r * blocks + first + g, n), offset[c * rows + r]);
@@ -128,7 +129,8 @@ static inline __attribute__((always_inline)) void dot_tile(const int qtype, cons
             load_quants(qtype, w + c * row_bytes + header_bytes(qtype, blocks) + (first + b) * quant_bytes(qtype), q);
             for (int r = 0; r < rows; r++) {
                 const int i = c * rows + r;
-                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(q[0], x[r][0]), _mm256_madd_epi16(q[1], x[r][1]));
+                const __m256i dot =
+                    _mm256_add_epi32(_mm256_madd_epi16(q[0], x[r][0]), _mm256_madd_epi16(q[1], x[r][1]));
                 acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&dx[i][b]), _mm256_cvtepi32_ps(dot), acc[i]);
             }
         }

@@ -14,7 +14,7 @@ import torch
 
 from lmserve.kernels.native import LlamaLayerSpec, QuantLinearSpec, kernels_available, llama_decode_stack
 from lmserve.layers.attention import AttentionMetadata, KVCache
-from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear
+from lmserve.layers.linear import Linear
 
 if TYPE_CHECKING:
     from lmserve.models.llama import LlamaBlock
@@ -29,8 +29,10 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
     """The C description of `block`, or None when the fused path cannot run it."""
     attn, mlp = block.self_attn, block.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    read_by_c = [block.input_layernorm.weight, block.post_attention_layernorm.weight,
+                 *(linear.bias for linear in linears if linear.bias is not None)]  # float weights: blocks instead
     if (any(linear.quantized is None for linear in linears) or attn.head_dim % 8 or not kernels_available()
-            or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in block.parameters())):
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in read_by_c)):
         return None
     return LlamaLayerSpec(
         block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, block.rotary_dim, mlp.intermediate_size,
@@ -45,8 +47,9 @@ def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
     return None if not specs or None in specs else (LlamaLayerSpec * len(specs))(*specs)
 
 
-def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
-    return meta.max_query_len == 1 and x.shape[0] <= MAX_QUANTIZED_ROWS and x.is_contiguous()
+def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock) -> bool:
+    """A decode step with no more rows than `block`'s (any layer's) linears take on their blocks."""
+    return meta.max_query_len == 1 and x.shape[0] <= block.mlp.down_proj.max_quantized_rows and x.is_contiguous()
 
 
 def fused_llama_decode(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],

@@ -29,7 +29,8 @@ class DecoderLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Share the embedding with the LM head when the config says so (again after moving devices)."""
+        """Share the embedding with the LM head when the config says so (again after moving devices; undone by
+        store_linear_weights_in)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -44,6 +45,15 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits, computed only for the rows the caller needs."""
         return self.lm_head(hidden).float()
+
+    def store_linear_weights_in(self, dtype: torch.dtype) -> None:
+        """Keep the linears' float weights (prefill and large batches multiply by them) in `dtype`; activations,
+        biases, norms and the embedding stay as they are. A tied LM head gets its own copy for this."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone(), requires_grad=False)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
 
     def load_weights(self, weights: Tensors, source: str) -> None:
         load_into(self, self._checkpoint_tensors(weights), self._map_name, self._shard_rows, source)

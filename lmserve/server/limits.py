@@ -1,11 +1,16 @@
-"""Bounded request bodies: Content-Length over the limit is refused before reading, and a body sent without one
-(chunked) is counted while it streams in. The app then gets the whole body at once."""
+"""Bounded request bodies: Content-Length over the limit is refused without buffering, and a body sent without one
+(chunked) is counted while it streams in. The app then gets the whole body at once.
+
+A refused body is still read and dropped, up to DRAIN_FACTOR times the limit, before the 413 goes out: closing a
+socket with unread data makes the kernel reset the connection, and that reset can reach the client before the
+answer does."""
 
 from __future__ import annotations
 
 from lmserve.server.errors import send_error
 
 _CLOSE = [(b"connection", b"close")]
+DRAIN_FACTOR = 4
 
 
 class BodyLimitMiddleware:
@@ -21,7 +26,7 @@ class BodyLimitMiddleware:
                 if not value.isdigit():
                     return await send_error(send, 400, "invalid Content-Length header", headers=_CLOSE)
                 if int(value) > self.max_bytes:
-                    return await send_error(send, 413, self._too_large(), code="request_too_large", headers=_CLOSE)
+                    return await self._refuse(receive, send)
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -31,7 +36,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             total += len(body)
             if total > self.max_bytes:
-                return await send_error(send, 413, self._too_large(), code="request_too_large", headers=_CLOSE)
+                return await self._refuse(receive, send, more=message.get("more_body", False))
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -46,5 +51,13 @@ class BodyLimitMiddleware:
 
         return await self.app(scope, replay, send)
 
-    def _too_large(self) -> str:
-        return f"Request body too large: the limit is {self.max_bytes} bytes (--max-request-bytes)."
+    async def _refuse(self, receive, send, more: bool = True) -> None:
+        budget = DRAIN_FACTOR * self.max_bytes
+        while more and budget > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            budget -= len(message.get("body", b""))
+            more = message.get("more_body", False)
+        message = f"Request body too large: the limit is {self.max_bytes} bytes (--max-request-bytes)."
+        await send_error(send, 413, message, code="request_too_large", headers=_CLOSE)
