@@ -142,16 +142,23 @@ def _server(label: str, args: Any, anchors: Anchors, smoke: bool) -> ServerSpec:
 
 def lmserve_weights(model: str, lm_args: list[str]) -> str:
     """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
+    import torch
+
     from lmserve.kernels.native import kernels_available
+    from lmserve.layers.linear import MAX_QUANTIZED_ROWS
     from lmserve.loader import resolve_dtype
+    from lmserve.platform import has_fast_bf16
 
     def option(name: str) -> str:
         return lm_args[lm_args.index(name) + 1] if name in lm_args[:-1] else "auto"
 
-    quantization = option("--quantization")
-    dtype = str(resolve_dtype(model, option("--dtype"), quantization=quantization)).removeprefix("torch.")
-    decode_blocks = quantization == "auto" and dtype == "float32" and kernels_available()
-    return f"{dtype} + Q4_1 blocks in decode" if decode_blocks else dtype
+    quantization, dtype_option = option("--quantization"), option("--dtype")
+    dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
+    if not (quantization == "auto" and dtype == "float32" and kernels_available()):
+        return dtype
+    if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
+        return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.bfloat16]} rows, bf16 GEMMs above"
+    return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.float32]} rows"
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:
