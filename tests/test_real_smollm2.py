@@ -109,7 +109,8 @@ def wait_for_listening(log, process, timeout: float = 300.0) -> str:
 
 
 def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path):
-    """`lmserve bench quality`: the GGUF's Q4_1/Q8_0 blocks in decode against float32 weights, end to end."""
+    """`lmserve bench quality`: the GGUF's Q4_1/Q8_0 blocks in decode (and bf16 linear weights on bf16 CPUs)
+    against float32 weights, end to end."""
     out = tmp_path / "quality.json"
     subprocess.run([sys.executable, "-m", "lmserve.cli", "bench", "quality", "--max-text-tokens", "256",
                     "--num-prompts", "4", "--output-len", "16", "--output-json", str(out)], check=True, timeout=600)
@@ -117,5 +118,6 @@ def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path):
     if kernels_available():
         assert result["candidate"]["quantized_types"] == ["Q4_1", "Q8_0"]
     assert result["text_tokens"] == 256
-    assert abs(result["perplexity_delta_pct"]) < 0.1
+    # blocks alone: float noise; with bf16 linear weights (bf16 CPUs): the issue's bf16 bound
+    assert abs(result["perplexity_delta_pct"]) < (1.0 if result["candidate"]["linear_weights"] == "bfloat16" else 0.1)
     assert result["greedy_agreeing_prefix"] >= 0.9

@@ -39,6 +39,7 @@ def _score(llm: Any, text_ids: list[int], prompts: list[list[int]], output_len: 
 
 
 def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str, Any]:
+    from lmserve.layers.linear import Linear
     from lmserve.llm import LLM
 
     shared = {**engine_options, "max_num_batched_tokens": cfg.chunk_tokens, "enable_prefix_caching": False}
@@ -54,11 +55,13 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
     candidate = LLM(**shared)
     ppl, out = _score(candidate, text_ids, prompts, cfg.output_len)
     lm = candidate.engine.lm
+    linear_dtype = next(m.weight.dtype for m in lm.model.modules() if isinstance(m, Linear))
     agreeing = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                 for x, y in zip(out, ref_out, strict=True)]
     return {
         "text_path": cfg.text_path, "text_tokens": len(text_ids), "chunk_tokens": cfg.chunk_tokens,
-        "candidate": {"dtype": str(lm.dtype).removeprefix("torch."), "quantized_types": list(lm.quantized_types)},
+        "candidate": {"dtype": str(lm.dtype).removeprefix("torch."), "quantized_types": list(lm.quantized_types),
+                      "linear_weights": str(linear_dtype).removeprefix("torch.")},
         "reference_perplexity": ref_ppl, "perplexity": ppl, "perplexity_delta_pct": 100 * (ppl / ref_ppl - 1),
         "greedy_identical": sum(n == cfg.output_len for n in agreeing) / len(agreeing),
         "greedy_agreeing_prefix": sum(agreeing) / (len(agreeing) * cfg.output_len),
@@ -68,7 +71,10 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
 
 def format_quality(r: dict[str, Any]) -> str:
     c = r["candidate"]
-    fast = f"{c['dtype']}" + (f" + {'/'.join(c['quantized_types'])} decode kernels" if c["quantized_types"] else "")
+    fast = c["dtype"]
+    if c["linear_weights"] != c["dtype"]:
+        fast += f" with {c['linear_weights']} linear weights"
+    fast += f" + {'/'.join(c['quantized_types'])} decode kernels" if c["quantized_types"] else ""
     return "\n".join([
         f"Quality of {fast} against float32 ({r['text_tokens']} tokens scored in chunks of {r['chunk_tokens']}):",
         f"  perplexity:            {r['perplexity']:.4f} vs {r['reference_perplexity']:.4f} "
