@@ -1,8 +1,9 @@
 /* Decode attention straight from the paged KV cache, float32, x86 AVX2 + FMA.
  *
  * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
- * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each (sequence, kv head) pair
- * walks its block table and reads K and V rows in place, once for all the query heads that share them (GQA).
+ * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each work item (a sequence,
+ * or one kv head of it when there are few sequences) walks its block table and reads K and V rows in place, once
+ * for all the query heads that share them (GQA).
  * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
  * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D], slot = block * block_size + offset.

@@ -48,9 +48,9 @@ class DecoderLM(nn.Module):
 
     def store_linear_weights_in(self, dtype: torch.dtype) -> None:
         """Keep the linears' float weights (prefill and large batches multiply by them) in `dtype`; activations,
-        biases, norms and the embedding stay as they are. A tied LM head gets its own copy for this."""
+        biases, norms and the embedding stay as they are. A tied LM head gets its own copy (made by the cast)."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone(), requires_grad=False)
+            self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach(), requires_grad=False)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
