@@ -49,8 +49,8 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> AttentionMetadata:
         """query_lens: new tokens per sequence; context_lens: cached + new tokens per sequence. Computed on Python
-        lists: a decode step's metadata is a few dozen numbers, where each torch op would cost more than its
-        arithmetic (twenty of them were 5% of a batch-1 step)."""
+        lists: a decode step's metadata is a few dozen numbers, where each of ~20 torch ops would cost more than
+        its arithmetic."""
         width = -(-max(context_lens) // block_size)  # blocks of the longest context
         positions, slots = [], []
         for q, c, table in zip(query_lens, context_lens, block_tables, strict=True):

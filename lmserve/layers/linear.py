@@ -18,9 +18,8 @@ from torch import nn
 from lmserve.kernels.native import quant_matmul
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
-# shapes, 2-core EPYC; `benchmarks/step_profile.py --batch 8 32 64` with and without LMSERVE_NATIVE_KERNELS=0):
-# against float32 (AVX2 CPUs) they win 3-6x at 1-4 rows, ~1.2x at 32, lose at 64; against bf16 (AVX512-BF16), they
-# are even at 8 rows and 2x slower at 32.
+# shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
+# ~1.2x at 32 and lost at 64; against bf16 (AVX512-BF16 EPYC) they are about even at 8 rows and 2-3x slower at 32.
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
 
 

@@ -59,5 +59,5 @@ class BodyLimitMiddleware:
                 break
             budget -= len(message.get("body", b""))
             more = message.get("more_body", False)
-        message = f"Request body too large: the limit is {self.max_bytes} bytes (--max-request-bytes)."
-        await send_error(send, 413, message, code="request_too_large", headers=_CLOSE)
+        error = f"Request body too large: the limit is {self.max_bytes} bytes (--max-request-bytes)."
+        await send_error(send, 413, error, code="request_too_large", headers=_CLOSE)
