@@ -51,19 +51,19 @@ def test_auto_dtype_keeps_float32_where_the_kernels_read_a_ggufs_blocks(monkeypa
 
 @pytest.mark.skipif(not kernels_available(), reason="needs lmserve's CPU kernels")
 def test_auto_on_a_bf16_cpu_multiplies_many_rows_in_bf16_and_few_on_the_blocks(monkeypatch, tmp_path):
-    """`auto` on a bf16 CPU: float32 activations; the linears keep blocks (few rows) and a bf16 float weight (prefill,
-    large batches); the embedding stays float32 (the tied LM head gets its own copy). Logits stay near float32's."""
+    """`auto` on a bf16 CPU: float32 activations; the linears keep blocks (one row) and a bf16 weight in lmserve's
+    tiles (prefill, batches); the embedding stays float32 (the tied LM head gets its own tiles). Logits stay near
+    float32's."""
     monkeypatch.setattr(platform, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "q.gguf", "Q8_0")
     mixed, reference = load_model(str(tmp_path / "q.gguf")), load_model(str(tmp_path / "q.gguf"), dtype="float32")
     linears = [m for m in mixed.model.modules() if isinstance(m, Linear)]
-    assert mixed.dtype == torch.float32 and all(m.weight.dtype == torch.bfloat16 for m in linears)
-    assert all(m.quantized is not None for m in linears)
+    assert mixed.dtype == torch.float32 and all(m.float_weight_dtype == torch.bfloat16 for m in linears)
+    assert all(m.quantized is not None and m.bf16_tiles is not None and m.weight is None for m in linears)
     assert mixed.model.embed_tokens.weight.dtype == torch.float32
-    assert mixed.model.lm_head.weight is not mixed.model.embed_tokens.weight
     c = mixed.config
-    for rows in (12, 2):  # bf16 GEMMs, then the blocks
+    for rows in (12, 1):  # the tiles, then the blocks
         logits = []
         for lm in (mixed, reference):
             cache = KVCache.allocate(c.num_layers, 4, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")

@@ -2,8 +2,8 @@
  *
  * At one to a few dozen tokens a step, a layer's arithmetic takes less time than dispatching its ~25 torch ops
  * one by one. This runs the whole layer -- RMSNorm, q/k/v product, rotary, KV store, paged attention, output
- * product, residual, RMSNorm, gate/up product, SiLU * up, down product, residual -- from C, on the GGUF blocks,
- * with the same arithmetic as lmserve's torch path (up to the order of float sums).
+ * product, residual, RMSNorm, gate/up product, SiLU * up, down product, residual -- from C, on the GGUF blocks
+ * or the bf16 tiles, with the same arithmetic as lmserve's torch path (up to the order of float sums).
  *
  * The whole stack goes in one call too: between layers, Python glue (module calls, views of the cache, argument
  * marshalling) costs more than a layer's arithmetic at batch 1.
@@ -11,28 +11,38 @@
  * x: [M, hidden], the residual stream, updated in place. cos, sin: [M, rotary_dim] (rotate-half convention).
  * k_cache, v_cache: [layers, slots, kv_heads, head_dim]. scratch: llama_decode_scratch_bytes() bytes.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
                  int16_t *xq, float *xscale, float *xsum);
+int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
+                int64_t y_stride, uint16_t *xb, int avx512_bf16);
 int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
                            float *out);
 
+/* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
+ * up to max_block_rows rows, the tiles the rest. */
 typedef struct {
-    int qtype;            /* ggml type of the blocks */
-    const uint8_t *blocks;
-    const float *bias;    /* NULL when the layer has none */
-} QuantLinear;
+    int qtype;                 /* ggml type of the blocks */
+    const uint8_t *blocks;     /* NULL when the layer has none */
+    const uint16_t *bf16_tiles;/* NULL when the layer has none */
+    int64_t max_block_rows;
+    const float *bias;         /* NULL when the layer has none */
+} NativeLinear;
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, rotary_dim, intermediate;
     float eps, scale;
+    int bf16_dot_product;      /* the tiles' products use AVX512-BF16 */
     const float *input_norm, *post_attention_norm;
-    QuantLinear qkv, o, gate_up, down;
+    NativeLinear qkv, o, gate_up, down;
 } LlamaLayer;
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -55,13 +65,38 @@ int64_t llama_decode_scratch_bytes(const LlamaLayer *layers, int64_t num_layers,
     return bytes;
 }
 
+/* Rows are shared out between threads from this many on: below, a parallel region costs more than it saves. */
+#define PARALLEL_ROWS 4
+
 static void rms_norm(const float *x, const float *weight, int64_t M, int64_t n, float eps, float *out) {
+#pragma omp parallel for if (M >= PARALLEL_ROWS)
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * n;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) sum += row[i] * row[i];
+        __m256 squares = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(row + i), squares);
+        float sum = horizontal_sum(squares);
+        for (; i < n; i++) sum += row[i] * row[i];
         const float inv = 1.0f / sqrtf(sum / (float)n + eps);
-        for (int64_t i = 0; i < n; i++) out[m * n + i] = weight[i] * (row[i] * inv);
+        for (i = 0; i < n; i++) out[m * n + i] = weight[i] * (row[i] * inv);
+    }
+}
+
+/* silu(gate) * up for each row of [gate | up] (2 * n wide); silu(g) = g * sigmoid(g), with e^-|g| so that the
+ * exponential never overflows. */
+static void silu_mul(const float *gate_up, int64_t M, int64_t n, float *out) {
+#pragma omp parallel for if (M >= PARALLEL_ROWS)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = gate_up + m * 2 * n, *up = gate + n;
+        const __m256 one = _mm256_set1_ps(1.0f), sign_bit = _mm256_set1_ps(-0.0f);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 e = exp_nonpositive(_mm256_or_ps(g, sign_bit)); /* e^-|g| */
+            const __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, g), _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out + m * n + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+        }
+        for (; i < n; i++) out[m * n + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
 }
 
@@ -70,13 +105,21 @@ typedef struct {
     float *xscale, *xsum;
 } QuantScratch;
 
-static int linear(const QuantLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y,
-                  const QuantScratch *s) {
-    if (quant_matmul(W->qtype, x, M, K, W->blocks, N, y, s->xq, s->xscale, s->xsum) != 0) return -1;
-    if (W->bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) y[m * N + n] += W->bias[n];
-    return 0;
+static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y,
+                  const QuantScratch *s, int bf16_dot_product) {
+    if (W->blocks && (M <= W->max_block_rows || !W->bf16_tiles)) {
+        if (quant_matmul(W->qtype, x, M, K, W->blocks, N, y, s->xq, s->xscale, s->xsum) != 0) return -1;
+        if (W->bias)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = 0; n < N; n++) y[m * N + n] += W->bias[n];
+        return 0;
+    }
+    if (!W->bf16_tiles) return -1;
+    return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_dot_product);
+}
+
+static void add_into(float *x, const float *delta, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += delta[i];
 }
 
 /* Rotate the first rotary_dim dims of each head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin (halves x1, x2). */
@@ -104,7 +147,8 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
 
     rms_norm(x, L->input_norm, M, hidden, L->eps, h);
-    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs)) return -1;
+    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs, L->bf16_dot_product)) return -1;
+#pragma omp parallel for if (M >= PARALLEL_ROWS)
     for (int64_t m = 0; m < M; m++) {
         float *row = qkv + m * qkv_width;
         const float *c = cos + m * L->rotary_dim, *s = sin + m * L->rotary_dim;
@@ -117,18 +161,14 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     if (paged_decode_attention(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
                                L->scale, scores, max_context, attn))
         return -1;
-    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs)) return -1;
-    for (int64_t i = 0; i < M * hidden; i++) x[i] += delta[i];
+    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_dot_product)) return -1;
+    add_into(x, delta, M * hidden);
 
     rms_norm(x, L->post_attention_norm, M, hidden, L->eps, h);
-    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs)) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t i = 0; i < inter; i++) {
-            const float g = gate_up[m * 2 * inter + i], u = gate_up[m * 2 * inter + inter + i];
-            act[m * inter + i] = g / (1.0f + expf(-g)) * u;
-        }
-    if (linear(&L->down, act, M, inter, hidden, delta, &qs)) return -1;
-    for (int64_t i = 0; i < M * hidden; i++) x[i] += delta[i];
+    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs, L->bf16_dot_product)) return -1;
+    silu_mul(gate_up, M, inter, act);
+    if (linear(&L->down, act, M, inter, hidden, delta, &qs, L->bf16_dot_product)) return -1;
+    add_into(x, delta, M * hidden);
     return 0;
 }
 

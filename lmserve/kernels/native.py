@@ -26,7 +26,8 @@ from lmserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.c", "paged_attention.c", "llama_decode_layer.c")]
+           for name in ("quant_matmul.c", "bf16_matmul.c", "paged_attention.c", "llama_decode_layer.c")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
 BLOCK_BYTES = {int(t): gguf.GGML_QUANT_SIZES[t][1] for t in KERNEL_TYPES}  # ggml type number -> bytes per block
@@ -50,7 +51,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found (set CC): lmserve's CPU kernels are off, using torch's path")
         return None
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join([compiler, *FLAGS]).encode())
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join([compiler, *FLAGS]).encode())
     target = cache_dir() / f"lmserve-kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,8 @@ def _library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.quant_matmul.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer, pointer, pointer]
     lib.quant_matmul.restype = ctypes.c_int
+    lib.bf16_matmul.argtypes = [pointer, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
+    lib.bf16_matmul.restype = ctypes.c_int
     lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
                                            size, ctypes.c_float, pointer, size, pointer]
     lib.paged_decode_attention.restype = ctypes.c_int
@@ -78,8 +81,11 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-class QuantLinearSpec(ctypes.Structure):
-    _fields_ = [("qtype", ctypes.c_int), ("blocks", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+class NativeLinearSpec(ctypes.Structure):
+    """llama_decode_layer.c's NativeLinear: blocks (with their ggml type), bf16 tiles, or both."""
+
+    _fields_ = [("qtype", ctypes.c_int), ("blocks", ctypes.c_void_p), ("bf16_tiles", ctypes.c_void_p),
+                ("max_block_rows", ctypes.c_int64), ("bias", ctypes.c_void_p)]
 
 
 class LlamaLayerSpec(ctypes.Structure):
@@ -87,9 +93,9 @@ class LlamaLayerSpec(ctypes.Structure):
 
     _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "rotary_dim",
                                                        "intermediate")),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16_dot_product", ctypes.c_int),
                 ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p),
-                *((name, QuantLinearSpec) for name in ("qkv", "o", "gate_up", "down"))]
+                *((name, NativeLinearSpec) for name in ("qkv", "o", "gate_up", "down"))]
 
 
 def kernels_available() -> bool:
@@ -151,6 +157,37 @@ def quant_matmul(qtype: int, x: torch.Tensor, blocks: torch.Tensor) -> torch.Ten
                               out.data_ptr(), x_int16, x_scale, x_sum)
     if status != 0:
         raise ValueError(f"quant_matmul: ggml type {qtype} with {in_features} input features is not supported")
+    return out
+
+
+def has_bf16_dot_product() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16); bf16_matmul widens to float32 elsewhere."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= cpu_flags()
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] weight (N a multiple of 16, K even) in bf16_matmul's layout: tiles of 16 output columns, each
+    [K / 2][16][2], so one 64-byte load holds a pair of inputs' weights for 16 columns."""
+    rows, in_features = weight.shape
+    tiles = weight.detach().to(torch.bfloat16).reshape(rows // 16, 16, in_features // 2, 2)
+    return tiles.permute(0, 2, 1, 3).contiguous()
+
+
+def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                dot_product: bool | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T (+ bias), W in pack_bf16's layout: [M, N] float32, summed in float32. dot_product:
+    use AVX512-BF16 (x rounded to bf16) rather than float32 FMAs; by default, where the CPU has it."""
+    lib = _required_library()
+    x = x.contiguous()
+    rows, in_features = x.shape
+    out_features = packed.shape[0] * 16
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    x_bf16 = _scratch.get("x_bf16", rows * in_features, torch.int16).data_ptr()
+    status = lib.bf16_matmul(x.data_ptr(), rows, in_features, packed.data_ptr(), out_features,
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, x_bf16,
+                             has_bf16_dot_product() if dot_product is None else dot_product)
+    if status != 0:
+        raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported")
     return out
 
 

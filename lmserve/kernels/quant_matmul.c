@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define QK 32
 #define ROWS 8 /* rows of x one pass over a weight row serves; dot_rows' cases cover 1..ROWS */
 
@@ -26,13 +28,6 @@ enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 }; /* ggml's type numbers */
 static inline int quant_bytes(int qtype) { return qtype == Q8_0 ? 32 : 16; }
 static inline int block_bytes(int qtype) { return quant_bytes(qtype) + (qtype == Q4_1 ? 4 : 2); }
 static inline int64_t header_bytes(int qtype, int64_t blocks) { return blocks * (qtype == Q4_1 ? 4 : 2); }
-
-static inline float horizontal_sum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One block of x to int16: q = round(x / scale), scale = max|x| / 32767; also the plain float sum of the block. */
 static void quantize_block(const float *x, int16_t *q, float *scale, float *sum) {

@@ -1,8 +1,9 @@
-"""Whole-stack decode in one C call, for Llama models whose every layer's four linears hold GGUF blocks.
+"""Whole-stack decode in one C call, for Llama models whose every layer's four linears hold GGUF blocks or bf16
+tiles.
 
 A decode step at batch 1 spends more time dispatching a layer's ~25 small torch ops, and the Python between
 layers, than computing them; the C stack (kernels/llama_decode_layer.c) does the same arithmetic in one call.
-Prefill, bf16, and models with a layer lacking quantized weights keep the torch path.
+Prefill, bf16 activations, and models with a linear lacking native weights keep the torch path.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmserve.kernels.native import LlamaLayerSpec, QuantLinearSpec, kernels_available, llama_decode_stack
+from lmserve.kernels.native import (
+    LlamaLayerSpec,
+    NativeLinearSpec,
+    has_bf16_dot_product,
+    kernels_available,
+    llama_decode_stack,
+)
 from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.linear import Linear
 
@@ -20,9 +27,14 @@ if TYPE_CHECKING:
     from lmserve.models.llama import LlamaBlock
 
 
-def _linear_spec(linear: Linear) -> QuantLinearSpec:
-    bias = linear.bias.data_ptr() if linear.bias is not None else None
-    return QuantLinearSpec(linear.quantized.qtype, linear.quantized.blocks.data_ptr(), bias)
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _linear_spec(linear: Linear) -> NativeLinearSpec:
+    blocks = linear.quantized
+    return NativeLinearSpec(0 if blocks is None else blocks.qtype, _pointer(blocks and blocks.blocks),
+                            _pointer(linear.bf16_tiles), linear.max_quantized_rows, _pointer(linear.bias))
 
 
 def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
@@ -31,12 +43,13 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     read_by_c = [block.input_layernorm.weight, block.post_attention_layernorm.weight,
                  *(linear.bias for linear in linears if linear.bias is not None)]  # float weights: blocks instead
-    if (any(linear.quantized is None for linear in linears) or attn.head_dim % 8 or not kernels_available()
+    if (any(linear.quantized is None and linear.bf16_tiles is None for linear in linears) or attn.head_dim % 8
+            or not kernels_available()
             or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in read_by_c)):
         return None
     return LlamaLayerSpec(
         block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, block.rotary_dim, mlp.intermediate_size,
-        block.input_layernorm.eps, attn.scale, block.input_layernorm.weight.data_ptr(),
+        block.input_layernorm.eps, attn.scale, has_bf16_dot_product(), block.input_layernorm.weight.data_ptr(),
         block.post_attention_layernorm.weight.data_ptr(), *map(_linear_spec, linears))
 
 
@@ -48,8 +61,8 @@ def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
 
 
 def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock) -> bool:
-    """A decode step with no more rows than `block`'s (any layer's) linears take on their blocks."""
-    return meta.max_query_len == 1 and x.shape[0] <= block.mlp.down_proj.max_quantized_rows and x.is_contiguous()
+    """A decode step whose products `block`'s (any layer's) linears run with lmserve's kernels."""
+    return meta.max_query_len == 1 and block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous()
 
 
 def fused_llama_decode(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],

@@ -4,7 +4,9 @@ Decoding reads every weight once per step for a handful of rows: there the 4/8-b
 integer dot products) win by 3-6x over a float32 product. Prefill and large batches have many rows and are bound by
 arithmetic, where the float weight and torch's GEMM are faster, so both forms are kept. The float weight may be
 bf16 under float32 activations (where the CPU has native bf16: its GEMMs are twice float32's); the product then
-runs in bf16 and its result comes back as float32.
+runs in bf16 and its result comes back as float32. A bf16 weight is kept in lmserve's own tiles instead
+(kernels/bf16_matmul.c: with AVX512-BF16 about twice torch's bf16 GEMM at 8-64 rows, with float32 sums and outputs;
+with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks from 2 rows on.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.kernels.native import quant_matmul
+from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, quant_matmul
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
 # shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
-# ~1.2x at 32 and lost at 64; against bf16 (AVX512-BF16 EPYC) they are about even at 8 rows and 2-3x slower at 32.
+# ~1.2x at 32 and lost at 64; against bf16 (AVX512-BF16 EPYC) they are about even at 8 rows and 2-3x slower at 32;
+# against lmserve's bf16 tiles they win at one row only (the model's weights are read from memory once per step:
+# 4.5 bits a weight against 16).
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
+MAX_QUANTIZED_ROWS_OVER_TILES = 1
 
 
 @dataclass
@@ -31,17 +36,43 @@ class QuantizedWeight:
 
 class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
+    bf16_tiles: torch.Tensor | None = None  # the weight in native.pack_bf16's layout; `weight` is None then
 
     @property
     def max_quantized_rows(self) -> int:
         """Products with up to this many rows run on the blocks (0 without blocks)."""
-        return 0 if self.quantized is None else MAX_QUANTIZED_ROWS.get(self.weight.dtype, 0)
+        if self.quantized is None:
+            return 0
+        if self.bf16_tiles is not None:
+            return MAX_QUANTIZED_ROWS_OVER_TILES
+        return MAX_QUANTIZED_ROWS.get(self.weight.dtype, 0)
+
+    @property
+    def float_weight_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
+
+    def runs_natively(self, rows: int) -> bool:
+        """Whether a product of `rows` rows has lmserve's kernels to run on (the C decode stack needs them)."""
+        return self.bf16_tiles is not None or rows <= self.max_quantized_rows
+
+    def store_weight_in(self, dtype: torch.dtype) -> None:
+        """Keep the float weight in `dtype`; bf16 goes into lmserve's tiles where the CPU and the shape allow."""
+        weight = self.weight.detach()
+        if dtype == torch.bfloat16 and kernels_available() and weight.shape[0] % 16 == 0 \
+                and weight.shape[1] % 2 == 0 and weight.device.type == "cpu":
+            self.bf16_tiles = pack_bf16(weight)
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.numel() <= self.max_quantized_rows * x.shape[-1]:
             out = quant_matmul(self.quantized.qtype, x.reshape(-1, x.shape[-1]), self.quantized.blocks)
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
+        if self.bf16_tiles is not None:
+            out = bf16_matmul(x.reshape(-1, x.shape[-1]).float(), self.bf16_tiles, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if x.dtype != self.weight.dtype:  # bf16 weight, float32 activations (the bias stays with the activations)
             out = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
             return out if self.bias is None else out + self.bias

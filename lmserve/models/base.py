@@ -53,7 +53,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach(), requires_grad=False)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+                module.store_weight_in(dtype)
 
     def load_weights(self, weights: Tensors, source: str) -> None:
         load_into(self, self._checkpoint_tensors(weights), self._map_name, self._shard_rows, source)

@@ -55,7 +55,7 @@ class LlamaForCausalLM(DecoderLM):
         super().__init__(config)
         self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.fused_stack: ctypes.Array | None = None  # set once the linears hold GGUF blocks (see attach_quantized)
+        self.fused_stack: ctypes.Array | None = None  # set once the linears hold native weights (blocks or tiles)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         if self.fused_stack is None or not fused_decode_applies(input_ids, meta, self.layers[0]):
@@ -66,6 +66,10 @@ class LlamaForCausalLM(DecoderLM):
     def attach_quantized(self, blocks: Tensors) -> None:
         super().attach_quantized(blocks)
         self.fused_stack = llama_stack_spec(list(self.layers))
+
+    def store_linear_weights_in(self, dtype: torch.dtype) -> None:
+        super().store_linear_weights_in(dtype)
+        self.fused_stack = llama_stack_spec(list(self.layers))  # the tiles replace the float weights
 
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):

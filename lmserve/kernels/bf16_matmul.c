@@ -1,0 +1,169 @@
+/* y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with W in bf16 and x, y in float32.
+ *
+ * A decode step at a few dozen sequences, or a prefill, is bound by arithmetic, and a step at a few sequences by
+ * reading the weights; bf16 weights halve the bytes of float32's. With AVX512-BF16, the dot product (vdpbf16ps: 16
+ * lanes, each the sum of two bf16 products added to a float32) does twice the work of a float32 FMA: torch's bf16
+ * GEMM reaches about 40% of that at 32 rows and rounds its output to bf16; this keeps ~3/4 of the peak from 8 rows
+ * on, with float32 outputs (x is rounded to bf16 once per product, to nearest even). With AVX2 only, the weights
+ * are widened to float32 in registers (a shift or a mask per 8 values) and multiplied by x in float32.
+ *
+ * W comes packed (native.pack_bf16): tiles of 16 output columns, each [K / 2][16][2] -- for every pair of inputs,
+ * the two weights of each of the 16 columns side by side, so one 64-byte load feeds a dot product of 16 columns
+ * against a broadcast pair of x. A micro-tile keeps its sums in registers over the whole of K: with AVX-512, up to
+ * 8 rows x 3 column tiles (24 of the 32 vector registers; per pair of inputs, 3 weight loads and 8 broadcasts feed
+ * 24 dot products); with AVX2, 4 rows x 1 tile (8 of 16 registers). Threads take (column group, block of rows)
+ * items; a thread's consecutive items share a column group, so its weights stay in cache while rows stream past.
+ *
+ * x: float32 [M, K], rows contiguous.   w: bf16 [N / 16][K / 2][16][2].   bias: float32 [N] or NULL.
+ * y: float32, row m at y + m * y_stride.   xb: scratch for x in bf16, M * K values (AVX-512 only).
+ * The AVX-512 part is compiled for AVX512-BF16 whatever the library's flags: callers check the CPU (native.py).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define ROW_BLOCK 64 /* rows per work item */
+
+/* ---- AVX2 + FMA ------------------------------------------------------------------------------------------------ */
+
+#define MR_AVX2 6
+
+/* Per pair of inputs and 8-column half tile: one load, widened by a shift (even input) and a mask (odd input),
+ * feeds 2 FMAs per row; x's pair is broadcast again for each half (a load) to keep 12 sums + 4 in registers. */
+static inline __attribute__((always_inline)) void micro_tile_avx2(const float *x, int64_t K, const uint16_t *w,
+                                                                  const int rows, const float *bias, float *y,
+                                                                  int64_t y_stride) {
+    const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[MR_AVX2][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < K / 2; p++)
+        for (int c = 0; c < 2; c++) {
+            const __m256i pair = _mm256_loadu_si256((const __m256i *)(w + p * 32 + c * 16));
+            const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
+            for (int r = 0; r < rows; r++) {
+                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + 2 * p), even, acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + 2 * p + 1), odd, acc[r][c]);
+            }
+        }
+    for (int c = 0; c < 2; c++) {
+        const __m256 b = bias ? _mm256_loadu_ps(bias + c * 8) : _mm256_setzero_ps();
+        for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * y_stride + c * 8, _mm256_add_ps(acc[r][c], b));
+    }
+}
+
+static void tile_avx2(const float *x, int64_t K, const uint16_t *w, int rows, const float *bias, float *y,
+                      int64_t y_stride) {
+    switch (rows) {
+    case 1: micro_tile_avx2(x, K, w, 1, bias, y, y_stride); break;
+    case 2: micro_tile_avx2(x, K, w, 2, bias, y, y_stride); break;
+    case 3: micro_tile_avx2(x, K, w, 3, bias, y, y_stride); break;
+    case 4: micro_tile_avx2(x, K, w, 4, bias, y, y_stride); break;
+    case 5: micro_tile_avx2(x, K, w, 5, bias, y, y_stride); break;
+    default: micro_tile_avx2(x, K, w, 6, bias, y, y_stride); break;
+    }
+}
+
+/* ---- AVX512-BF16 ----------------------------------------------------------------------------------------------- */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+#define MR 8 /* rows of x per micro-tile */
+#define NR 3 /* 16-column tiles per micro-tile */
+/* float32 -> bf16, round to nearest even; NaN stays NaN (quiet). */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static void convert_rows_avx512(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+        _mm512_storeu_si512(out + i, (__m512i)pair);
+    }
+    for (; i < n; i++) out[i] = to_bf16(x[i]);
+}
+
+/* rows x (cols * 16) outputs over all of K; `rows` and `cols` are constants after inlining. */
+static inline __attribute__((always_inline)) void micro_tile(const int32_t *xpairs, int64_t pairs,
+                                                             const uint16_t *w, const int rows, const int cols,
+                                                             const float *bias, float *y, int64_t y_stride) {
+    const int64_t tile = pairs * 32; /* bf16 values per packed column tile */
+    __m512 acc[MR][NR];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh wv[NR];
+        for (int c = 0; c < cols; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * tile + p * 32);
+        for (int r = 0; r < rows; r++) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xpairs[r * pairs + p]);
+            for (int c = 0; c < cols; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+        }
+    }
+    for (int c = 0; c < cols; c++) {
+        const __m512 b = bias ? _mm512_loadu_ps(bias + c * 16) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * y_stride + c * 16, _mm512_add_ps(acc[r][c], b));
+    }
+}
+
+#define TILE_CASE(r, c) micro_tile(xpairs, pairs, w, r, c, bias, y, y_stride)
+#define TILE_ROWS(c)                                                                                                 \
+    switch (rows) {                                                                                                  \
+    case 1: TILE_CASE(1, c); break;                                                                                  \
+    case 2: TILE_CASE(2, c); break;                                                                                  \
+    case 3: TILE_CASE(3, c); break;                                                                                  \
+    case 4: TILE_CASE(4, c); break;                                                                                  \
+    case 5: TILE_CASE(5, c); break;                                                                                  \
+    case 6: TILE_CASE(6, c); break;                                                                                  \
+    case 7: TILE_CASE(7, c); break;                                                                                  \
+    default: TILE_CASE(8, c); break;                                                                                 \
+    }
+
+static void tile_avx512(const int32_t *xpairs, int64_t pairs, const uint16_t *w, int rows, int cols, const float *bias,
+                     float *y, int64_t y_stride) {
+    if (cols == 3) {
+        TILE_ROWS(3)
+    } else if (cols == 2) {
+        TILE_ROWS(2)
+    } else {
+        TILE_ROWS(1)
+    }
+}
+
+#pragma GCC pop_options
+
+/* Returns 0, or -1 when N is not a multiple of 16 or K is odd. */
+int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
+                int64_t y_stride, uint16_t *xb, int avx512_bf16) {
+    if (N % 16 != 0 || K % 2 != 0) return -1;
+    const int64_t pairs = K / 2, tiles = N / 16, per_group = avx512_bf16 ? NR : 1;
+    const int64_t groups = (tiles + per_group - 1) / per_group, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    const int64_t micro_rows = avx512_bf16 ? MR : MR_AVX2;
+#pragma omp parallel
+    {
+        if (avx512_bf16) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) convert_rows_avx512(x + m * K, K, xb + m * K);
+        }
+#pragma omp for schedule(guided)
+        for (int64_t item = 0; item < groups * row_blocks; item++) {
+            const int64_t group = item / row_blocks, first_row = item % row_blocks * ROW_BLOCK;
+            const int64_t last_row = first_row + ROW_BLOCK < M ? first_row + ROW_BLOCK : M;
+            const int cols = tiles - group * per_group < per_group ? (int)(tiles - group * per_group) : per_group;
+            const uint16_t *wg = w + group * per_group * pairs * 32;
+            const float *bg = bias ? bias + group * per_group * 16 : NULL;
+            float *yg = y + group * per_group * 16;
+            for (int64_t m = first_row; m < last_row; m += micro_rows) {
+                const int rows = last_row - m < micro_rows ? (int)(last_row - m) : (int)micro_rows;
+                if (avx512_bf16)
+                    tile_avx512((const int32_t *)xb + m * pairs, pairs, wg, rows, cols, bg, yg + m * y_stride,
+                                y_stride);
+                else
+                    tile_avx2(x + m * K, K, wg, rows, bg, yg + m * y_stride, y_stride);
+            }
+        }
+    }
+    return 0;
+}

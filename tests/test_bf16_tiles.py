@@ -1,0 +1,90 @@
+"""lmserve's bf16 tiles (kernels/bf16_matmul.c): the product equals a float32 product of the bf16-rounded weight,
+on AVX2 (float32 FMAs) and, where the CPU has it, AVX512-BF16 (x rounded to bf16 too); a Linear keeps its weight in
+tiles when stored in bf16, and the C decode stack runs on them like the torch layers do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf_export import export_gguf
+from tiny_models import ALL_CONFIGS, make_tiny_model
+
+import lmserve.models.llama as llama
+from lmserve.kernels.native import bf16_matmul, has_bf16_dot_product, kernels_available, pack_bf16
+from lmserve.layers.attention import AttentionMetadata, KVCache
+from lmserve.layers.fused_decode import fused_llama_decode
+from lmserve.layers.linear import Linear
+from lmserve.loader import load_model
+
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
+PATHS = [False, *([True] if has_bf16_dot_product() else [])]  # AVX512-BF16 only where the CPU has it
+
+
+@pytest.mark.parametrize("dot_product", PATHS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 9, 17, 70, 130])
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 2), (48, 64), (80, 130), (208, 576)])
+def test_tiles_product_matches_float_product_of_the_bf16_weight(dot_product, rows, out_features, in_features):
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
+    rounded = weight.to(torch.bfloat16).float()
+    x_seen = x.to(torch.bfloat16).float() if dot_product else x
+    for b in (None, bias):
+        got = bf16_matmul(x, pack_bf16(weight), b, dot_product=dot_product)
+        torch.testing.assert_close(got, F.linear(x_seen, rounded, b), rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_product_refuses_shapes_it_cannot_tile():
+    with pytest.raises(ValueError, match="32 outputs x 3 inputs"):
+        bf16_matmul(torch.randn(2, 3), torch.zeros(2, 2, 16, 2, dtype=torch.bfloat16))
+
+
+def test_linear_stored_in_bf16_keeps_tiles_and_runs_on_them():
+    layer = Linear(64, 48)
+    expected_weight = layer.weight.detach().to(torch.bfloat16).float()
+    layer.store_weight_in(torch.bfloat16)
+    assert layer.weight is None and layer.bf16_tiles is not None and layer.float_weight_dtype == torch.bfloat16
+    assert layer.runs_natively(1) and layer.runs_natively(1000)
+    x = torch.randn(2, 3, 64)
+    out = layer(x)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.float32
+    reference = F.linear(x.to(torch.bfloat16).float() if has_bf16_dot_product() else x, expected_weight, layer.bias)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    odd = Linear(64, 40)  # 40 outputs: not whole tiles, so a plain bf16 weight
+    odd.store_weight_in(torch.bfloat16)
+    assert odd.bf16_tiles is None and odd.weight.dtype == torch.bfloat16 and not odd.runs_natively(2)
+
+
+@pytest.mark.parametrize("source", ["gguf-q4_1", "safetensors"])
+@pytest.mark.parametrize("seqs", [1, 3, 7])
+def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, source, seqs):
+    """The C stack on tiles (and, for one row, the GGUF blocks) against the same model's torch layers."""
+    make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
+    path = tmp_path / "hf"
+    if source == "gguf-q4_1":
+        export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
+        path = tmp_path / "tiny.gguf"
+    lm = load_model(str(path), dtype="float32")
+    model, c = lm.model, lm.config
+    model.store_linear_weights_in(torch.bfloat16)
+    assert model.fused_stack is not None
+    calls = []
+    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
+    block_size = 4
+    prompts = [list(range(3 + s, 8 + 2 * s)) for s in range(seqs)]
+    tables = [[3 * s, 3 * s + 1, 3 * s + 2, 3 * s + 3] for s in range(seqs)]
+    cache = KVCache.allocate(c.num_layers, 4 * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    lens = [len(p) for p in prompts]
+    with torch.inference_mode():
+        model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
+        step = AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables, block_size)
+        ids = torch.arange(40, 40 + seqs)
+        fused_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
+        fused = model(ids, step, fused_cache)
+        assert calls == [1]  # decode took the C stack (the prefill did not)
+        model.fused_stack = None
+        expected = model(ids, step, cache)
+    assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
+    torch.testing.assert_close(fused_cache.k, cache.k, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused_cache.v, cache.v, rtol=1e-3, atol=1e-3)
