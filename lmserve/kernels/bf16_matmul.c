@@ -11,7 +11,7 @@
  * the two weights of each of the 16 columns side by side, so one 64-byte load feeds a dot product of 16 columns
  * against a broadcast pair of x. A micro-tile keeps its sums in registers over the whole of K: with AVX-512, up to
  * 8 rows x 3 column tiles (24 of the 32 vector registers; per pair of inputs, 3 weight loads and 8 broadcasts feed
- * 24 dot products); with AVX2, 4 rows x 1 tile (8 of 16 registers). Threads take (column group, block of rows)
+ * 24 dot products); with AVX2, 4 rows x 1 tile (8 of 16 registers; more rows measured no faster). Threads take (column group, block of rows)
  * items; a thread's consecutive items share a column group, so its weights stay in cache while rows stream past.
  *
  * x: float32 [M, K], rows contiguous.   w: bf16 [N / 16][K / 2][16][2].   bias: float32 [N] or NULL.
@@ -25,26 +25,32 @@
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------------ */
 
-#define MR_AVX2 6
+#define MR_AVX2 4
 
-/* Per pair of inputs and 8-column half tile: one load, widened by a shift (even input) and a mask (odd input),
- * feeds 2 FMAs per row; x's pair is broadcast again for each half (a load) to keep 12 sums + 4 in registers. */
+/* Per pair of inputs: two loads (16 columns), widened by a shift (even input) and a mask (odd input), and two
+ * broadcasts per row of x feed 4 FMAs per row. Loads, not FMAs, are the limit past 4 rows (two 32-byte loads a
+ * cycle), so x's pair is broadcast once for both halves of the tile. */
 static inline __attribute__((always_inline)) void micro_tile_avx2(const float *x, int64_t K, const uint16_t *w,
                                                                   const int rows, const float *bias, float *y,
                                                                   int64_t y_stride) {
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 acc[MR_AVX2][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < K / 2; p++)
-        for (int c = 0; c < 2; c++) {
-            const __m256i pair = _mm256_loadu_si256((const __m256i *)(w + p * 32 + c * 16));
-            const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
-            for (int r = 0; r < rows; r++) {
-                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + 2 * p), even, acc[r][c]);
-                acc[r][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + 2 * p + 1), odd, acc[r][c]);
-            }
+    for (int64_t p = 0; p < K / 2; p++) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + p * 32));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + p * 32 + 16));
+        const __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high_half));
+        const __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        const __m256 odd1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high_half));
+        for (int r = 0; r < rows; r++) {
+            const __m256 xe = _mm256_broadcast_ss(x + r * K + 2 * p), xo = _mm256_broadcast_ss(x + r * K + 2 * p + 1);
+            acc[r][0] = _mm256_fmadd_ps(xe, even0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xe, even1, acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(xo, odd0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(xo, odd1, acc[r][1]);
         }
+    }
     for (int c = 0; c < 2; c++) {
         const __m256 b = bias ? _mm256_loadu_ps(bias + c * 8) : _mm256_setzero_ps();
         for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * y_stride + c * 8, _mm256_add_ps(acc[r][c], b));
@@ -57,9 +63,7 @@ static void tile_avx2(const float *x, int64_t K, const uint16_t *w, int rows, co
     case 1: micro_tile_avx2(x, K, w, 1, bias, y, y_stride); break;
     case 2: micro_tile_avx2(x, K, w, 2, bias, y, y_stride); break;
     case 3: micro_tile_avx2(x, K, w, 3, bias, y, y_stride); break;
-    case 4: micro_tile_avx2(x, K, w, 4, bias, y, y_stride); break;
-    case 5: micro_tile_avx2(x, K, w, 5, bias, y, y_stride); break;
-    default: micro_tile_avx2(x, K, w, 6, bias, y, y_stride); break;
+    default: micro_tile_avx2(x, K, w, 4, bias, y, y_stride); break;
     }
 }
 
