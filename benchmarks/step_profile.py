@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--quantization", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--label", default="lmserve")
     args = p.parse_args()
     print("| path | seqs | step ms | " + " | ".join(f"{part} ms" for part in PARTS) + " |")
@@ -87,7 +88,8 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     instrument_layers(spent)
     for batch in args.batch:
-        llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory_gb=1,
+        llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                  kv_cache_memory_gb=1,
                   enable_prefix_caching=False)
         r = profile(llm, spent, batch, args.steps)
         parts = " | ".join(f"{r[part]:.1f} ({100 * r[part] / r['step']:.0f}%)" for part in PARTS)

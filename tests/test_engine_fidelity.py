@@ -5,6 +5,7 @@ that preemption must happen. Every block is free afterwards."""
 from __future__ import annotations
 
 import pytest
+import torch
 from engine_helpers import assert_all_blocks_free, mixed_prompts, reference_greedy
 from tiny_models import LLAMA_GQA_TIED, NEOX_QUARTER_ROTARY, make_tiny_model
 
@@ -48,4 +49,18 @@ def test_greedy_matches_transformers(model_and_reference, shape):
         assert stats.num_preemptions > 0
     if llm.engine.config.enable_prefix_caching and shape != "unlimited":  # else every prompt starts at once
         assert stats.prefix_cache_hits > 0
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("shape", ["16-seqs", "budget-13-no-prefix-cache", "preemption"])
+def test_float16_kv_cache_stays_with_transformers(model_and_reference, shape):
+    """A float16 KV cache under float32 activations: K/V rounded to 11 significant bits, so greedy outputs may part
+    from float32's where two logits nearly tie, but no more than that; the pool holds twice the blocks."""
+    directory, prompts, expected = model_and_reference
+    llm = LLM(str(directory), dtype="float32", kv_cache_dtype="float16", **SHAPES[shape])
+    assert llm.engine.runner.kv_cache.k.dtype == torch.float16
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    agreeing = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, e, strict=True)) if a != b), MAX_TOKENS)
+                for o, e in zip(outputs, expected, strict=True)]
+    assert sum(agreeing) >= 0.9 * MAX_TOKENS * len(prompts), agreeing
     assert_all_blocks_free(llm)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
+from lmserve.commands.engine_args import add_engine_args, engine_options
 from lmserve.config import ModelConfig
 from lmserve.engine import config as engine_config
 from lmserve.engine.config import EngineConfig, choose_num_blocks, kv_bytes_per_token
@@ -35,3 +38,22 @@ def test_auto_is_a_share_of_free_memory_capped_by_need_and_by_4_gib(monkeypatch)
     assert blocks(monkeypatch, 1 << 10, max_num_seqs=4) == per_seq                      # always one full sequence
     huge = blocks(monkeypatch, 1 << 40, max_num_seqs=1 << 20)
     assert huge == (4 << 30) // BLOCK_BYTES                                             # CPU cap
+
+
+def test_kv_cache_dtype_is_validated_and_sizes_the_pool(monkeypatch):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="int4")
+    assert engine_config.kv_cache_dtype(EngineConfig(), torch.float32) == torch.float32  # auto: the activations'
+    assert engine_config.kv_cache_dtype(EngineConfig(kv_cache_dtype="float16"), torch.float32) == torch.float16
+    budget = dict(kv_cache_memory_gb=0.001)
+    half = choose_num_blocks(EngineConfig(**budget), MODEL, 256, torch.float16, CPU)
+    assert half == 2 * blocks(monkeypatch, 1 << 30, **budget)  # half the bytes a block: twice the blocks
+
+
+def test_kv_cache_dtype_on_the_command_line():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_options(parser.parse_args(["--kv-cache-dtype", "float16"]))["kv_cache_dtype"] == "float16"
+    assert "kv_cache_dtype" not in engine_options(parser.parse_args([]))  # the engine's default stays
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "int4"])

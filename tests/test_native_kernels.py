@@ -99,19 +99,21 @@ def test_quantization_option_is_validated():
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(6, 2, 16), (4, 1, 8), (3, 3, 64), (9, 3, 64)])
 @pytest.mark.parametrize("context_lens", [[1, 5, 17, 40, 8], [17, 3]])  # a work item per sequence / per kv head
-def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim, context_lens):
+def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim, context_lens, kv_dtype):
     gen = torch.Generator().manual_seed(heads * head_dim)
     block_size, num_blocks = 4, 40
     free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, shuffled blocks
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
     meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size)
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen).to(kv_dtype)
     q = torch.randn(len(context_lens), heads, head_dim, generator=gen) * 3  # peaked softmaxes too
     scale = head_dim**-0.5
-    expected = _decode_attention(q, _gather_context(k_cache, meta), _gather_context(v_cache, meta), meta.mask, scale)
+    keys, values = (_gather_context(cache, meta).float() for cache in (k_cache, v_cache))  # float16 widens exactly
+    expected = _decode_attention(q, keys, values, meta.mask, scale)
     got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, block_size, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -125,9 +127,11 @@ def test_decode_attention_refuses_head_sizes_it_cannot_vectorize():
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "qwen2-bias", "llama-mha-untied"])
-def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, monkeypatch):
-    """Whole-stack C decode against the same model's torch layers: hidden states and the K/V it stores."""
+@pytest.mark.parametrize(("name", "kv_dtype"), [("llama-gqa-tied", torch.float32), ("qwen2-bias", torch.float32),
+                                                ("llama-mha-untied", torch.float32), ("llama-gqa-tied", torch.float16)])
+def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, kv_dtype, monkeypatch):
+    """Whole-stack C decode against the same model's torch layers: hidden states and the K/V it stores (in a
+    float16 cache too, rounded the same way)."""
     make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
     lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
@@ -137,7 +141,7 @@ def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, monkeypatch
     monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
     block_size, prompts = 4, [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4]]
     tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
-    cache = KVCache.allocate(c.num_layers, 10, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    cache = KVCache.allocate(c.num_layers, 10, block_size, c.num_kv_heads, c.head_dim, kv_dtype, "cpu")
     lens = [len(p) for p in prompts]
     with torch.inference_mode():
         model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
@@ -151,5 +155,6 @@ def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, monkeypatch
     # Both paths quantize each product's input to int16 (steps of max|x| / 32767), so float-rounding differences
     # in those inputs can move a value by one step: ~1e-4 of the norm is that noise; a wrong layer is off by ~1.
     assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
-    torch.testing.assert_close(fused_cache.k, cache.k, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(fused_cache.v, cache.v, rtol=1e-3, atol=1e-3)
+    assert fused_cache.k.dtype == kv_dtype
+    torch.testing.assert_close(fused_cache.k.float(), cache.k.float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused_cache.v.float(), cache.v.float(), rtol=1e-3, atol=1e-3)

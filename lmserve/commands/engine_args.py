@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lmserve.engine.config import KV_CACHE_DTYPES
 from lmserve.weights.resolve import DEFAULT_MODEL
 
 
@@ -21,6 +22,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--quantization", default=None, choices=["auto", "none"],
                         help="auto (default): decode steps use a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 "
                              "kernels, prefill the float weights; none: float weights only")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                        help="dtype the KV cache stores (default auto: the activations'); float16 under float32 "
+                             "activations halves the cache's memory and what decode attention reads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -33,7 +37,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
 
 
-_OPTIONS = ["model", "tokenizer", "dtype", "quantization", "device", "max_model_len", "max_num_seqs",
+_OPTIONS = ["model", "tokenizer", "dtype", "quantization", "kv_cache_dtype", "device", "max_model_len", "max_num_seqs",
             "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching",
             "scheduling_policy"]
 

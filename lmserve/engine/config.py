@@ -10,6 +10,7 @@ from lmserve.config import ModelConfig
 from lmserve.platform import GiB, available_memory
 
 QUANTIZATION_CHOICES = ("auto", "none")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
 AUTO_KV_CPU_CAP = 4 * GiB  # vLLM's CPU default too: beyond it, RAM is better left to the OS and other processes
 
@@ -20,6 +21,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"                        # bf16 where the hardware runs it fast, else fp32
     quantization: str = "auto"                 # auto: decode with a GGUF's quantized blocks where kernels run; none
+    kv_cache_dtype: str = "auto"               # auto: the activations' dtype
     device: str = "cpu"
     max_model_len: int | None = None          # default: the model's context
     max_num_seqs: int = 256
@@ -34,6 +36,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -41,6 +45,10 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+
+
+def kv_cache_dtype(config: EngineConfig, activations: torch.dtype) -> torch.dtype:
+    return activations if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
 
 
 def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lmserve.engine.block_manager import BlockManager
-from lmserve.engine.config import EngineConfig, choose_num_blocks
+from lmserve.engine.config import EngineConfig, choose_num_blocks, kv_cache_dtype
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.scheduler import Scheduler, SchedulerConfig
 from lmserve.engine.sequence import Request, Sequence, Status
@@ -30,11 +30,12 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_len
         if not 1 < self.max_model_len <= model_len:
             raise ValueError(f"max_model_len must be in [2, {model_len}] for this model, got {config.max_model_len}")
-        num_blocks = choose_num_blocks(config, self.lm.config, self.max_model_len, self.lm.dtype, self.lm.device)
+        kv_dtype = kv_cache_dtype(config, self.lm.dtype)
+        num_blocks = choose_num_blocks(config, self.lm.config, self.max_model_len, kv_dtype, self.lm.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.scheduling_policy), self.block_manager)
-        self.runner = ModelRunner(self.lm, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.lm, num_blocks, config.block_size, kv_dtype)
         self.output_processor = OutputProcessor(self.lm.tokenizer, self.lm.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens = 0

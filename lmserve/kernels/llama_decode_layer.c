@@ -9,7 +9,8 @@
  * marshalling) costs more than a layer's arithmetic at batch 1.
  *
  * x: [M, hidden], the residual stream, updated in place. cos, sin: [M, rotary_dim] (rotate-half convention).
- * k_cache, v_cache: [layers, slots, kv_heads, head_dim]. scratch: llama_decode_scratch_bytes() bytes.
+ * k_cache, v_cache: [layers, slots, kv_heads, head_dim], float32 or (kv_half) float16.
+ * scratch: llama_decode_scratch_bytes() bytes.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -22,10 +23,10 @@ int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t 
                  int16_t *xq, float *xscale, float *xsum);
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
                 int64_t y_stride, uint16_t *xb, int avx512_bf16);
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out);
+                           float *out, int kv_half);
 
 /* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
  * up to max_block_rows rows, the tiles the rest. */
@@ -122,6 +123,17 @@ static void add_into(float *x, const float *delta, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += delta[i];
 }
 
+/* n (a multiple of 8) floats into the cache, as float32 or, rounded to nearest even like torch, float16. */
+static void store_kv(void *cache, int64_t index, const float *values, int64_t n, int kv_half) {
+    if (!kv_half) {
+        memcpy((float *)cache + index, values, sizeof(float) * n);
+        return;
+    }
+    uint16_t *out = (uint16_t *)cache + index;
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(values + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* Rotate the first rotary_dim dims of each head: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin (halves x1, x2). */
 static void rotate(float *head, const float *cos, const float *sin, int64_t rotary_dim) {
     const int64_t half = rotary_dim / 2;
@@ -134,7 +146,7 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
 static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
-                       float *k_cache, float *v_cache, const int64_t *slot_mapping, const int64_t *block_tables,
+                       void *k_cache, void *v_cache, int kv_half, const int64_t *slot_mapping, const int64_t *block_tables,
                        int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
     const int64_t qkv_width = (H + 2 * KVH) * D, q_width = H * D, max_context = max_blocks * block_size;
@@ -155,11 +167,11 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
         for (int64_t head = 0; head < H + KVH; head++) rotate(row + head * D, c, s, L->rotary_dim);
         memcpy(q + m * q_width, row, sizeof(float) * q_width);
         const int64_t slot = slot_mapping[m];
-        memcpy(k_cache + slot * KVH * D, row + q_width, sizeof(float) * KVH * D);
-        memcpy(v_cache + slot * KVH * D, row + q_width + KVH * D, sizeof(float) * KVH * D);
+        store_kv(k_cache, slot * KVH * D, row + q_width, KVH * D, kv_half);
+        store_kv(v_cache, slot * KVH * D, row + q_width + KVH * D, KVH * D, kv_half);
     }
     if (paged_decode_attention(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
-                               L->scale, scores, max_context, attn))
+                               L->scale, scores, max_context, attn, kv_half))
         return -1;
     if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_dot_product)) return -1;
     add_into(x, delta, M * hidden);
@@ -172,13 +184,14 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     return 0;
 }
 
-/* Layers [0, num_layers) in turn; layer l's cache starts layer_stride floats after layer l - 1's. */
+/* Layers [0, num_layers) in turn; layer l's cache starts layer_stride values after layer l - 1's. */
 int llama_decode_stack(const LlamaLayer *layers, int64_t num_layers, float *x, int64_t M, const float *cos,
-                       const float *sin, float *k_cache, float *v_cache, int64_t layer_stride,
+                       const float *sin, char *k_cache, char *v_cache, int kv_half, int64_t layer_stride,
                        const int64_t *slot_mapping, const int64_t *block_tables, int64_t max_blocks,
                        const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     for (int64_t l = 0; l < num_layers; l++)
-        if (llama_decode_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride, v_cache + l * layer_stride,
+        if (llama_decode_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride * (kv_half ? 2 : 4),
+                               v_cache + l * layer_stride * (kv_half ? 2 : 4), kv_half,
                                slot_mapping, block_tables, max_blocks, context_lens, block_size, scratch))
             return -1;
     return 0;

@@ -70,13 +70,13 @@ def _library() -> ctypes.CDLL | None:
     lib.bf16_matmul.argtypes = [pointer, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
     lib.bf16_matmul.restype = ctypes.c_int
     lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
-                                           size, ctypes.c_float, pointer, size, pointer]
+                                           size, ctypes.c_float, pointer, size, pointer, ctypes.c_int]
     lib.paged_decode_attention.restype = ctypes.c_int
     layer = ctypes.POINTER(LlamaLayerSpec)
     lib.llama_decode_scratch_bytes.argtypes = [layer, size, size, size]
     lib.llama_decode_scratch_bytes.restype = size
-    lib.llama_decode_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, size, pointer,
-                                       pointer, size, pointer, size, pointer]
+    lib.llama_decode_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, ctypes.c_int,
+                                       size, pointer, pointer, size, pointer, size, pointer]
     lib.llama_decode_stack.restype = ctypes.c_int
     return lib
 
@@ -191,10 +191,19 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+NATIVE_KV_DTYPES = (torch.float32, torch.float16)
+
+
+def _half(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    if k_cache.dtype not in NATIVE_KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"lmserve's kernels read a float32 or float16 KV cache, not {k_cache.dtype}")
+    return k_cache.dtype == torch.float16
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """One query per sequence (q [seqs, heads, head_dim], float32) against its paged context, read in place from
-    k_cache / v_cache ([slots, kv_heads, head_dim]); returns [seqs, heads * head_dim]."""
+    k_cache / v_cache ([slots, kv_heads, head_dim], float32 or float16); returns [seqs, heads * head_dim]."""
     lib = _required_library()
     q = q.contiguous()
     seqs, heads, head_dim = q.shape
@@ -204,7 +213,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     status = lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                                         block_tables.shape[1], context_lens.data_ptr(), seqs, heads,
                                         k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
-                                        out.data_ptr())
+                                        out.data_ptr(), _half(k_cache, v_cache))
     if status != 0:
         raise ValueError(f"paged_decode_attention: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
                          "is not supported (head size must be a multiple of 8)")
@@ -216,13 +225,13 @@ def llama_decode_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """Every Llama decoder layer (`layers`, one LlamaLayerSpec each) for one new token per sequence; x ([seqs,
     hidden] float32, contiguous) is the residual stream, updated in place and returned. k_cache / v_cache:
-    [layers, slots, kv_heads, head_dim], contiguous."""
+    [layers, slots, kv_heads, head_dim], float32 or float16, contiguous."""
     lib = _required_library()
     rows, max_blocks = x.shape[0], block_tables.shape[1]
     scratch_bytes = lib.llama_decode_scratch_bytes(layers, len(layers), rows, max_blocks * block_size)
     scratch = _scratch.get("layers", scratch_bytes, torch.uint8)
     status = lib.llama_decode_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
-                                    k_cache.data_ptr(), v_cache.data_ptr(), k_cache[0].numel(),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), _half(k_cache, v_cache), k_cache[0].numel(),
                                     slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
                                     context_lens.data_ptr(), block_size, scratch.data_ptr())
     if status != 0:

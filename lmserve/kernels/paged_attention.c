@@ -1,4 +1,4 @@
-/* Decode attention straight from the paged KV cache, float32, x86 AVX2 + FMA.
+/* Decode attention straight from the paged KV cache, float32 queries and outputs, x86 AVX2 + FMA + F16C.
  *
  * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
  * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each work item (a sequence,
@@ -6,7 +6,11 @@
  * for all the query heads that share them (GQA).
  * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
- * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D], slot = block * block_size + offset.
+ * At a few dozen sequences the step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
+ * halves those bytes; its values are widened to float32 as they are loaded.
+ *
+ * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D] float32, or float16 when kv_half, slot = block *
+ * block_size + offset.
  * block_tables: [S, max_blocks].  context_lens: [S] tokens each query attends to (itself included).
  * scores: scratch [S, H, max_context].
  */
@@ -17,9 +21,15 @@
 #include "simd.h"
 
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+/* Eight cache values from element i of row, float32 or float16 (`half` is a constant after inlining). */
+static inline __m256 load_kv(const void *row, int64_t i, const int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+                : _mm256_loadu_ps((const float *)row + i);
+}
+
+static inline float dot(const float *a, const void *b, int64_t n, const int half) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_kv(b, i, half), acc);
     return horizontal_sum(acc);
 }
 
@@ -51,27 +61,33 @@ static float softmax_unnormalized(float *scores, int64_t n) {
 
 /* The query heads of kv heads [kvh, kvh + count) of one sequence (q, out: its [H, D] rows; sc: its [H, max_context]
  * scores). Token-major: each token's K (then V) rows of those kv heads are one contiguous read. */
-static void attend(const float *q, const float *k_cache, const float *v_cache, const int64_t *table, int64_t n,
-                   int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size, float scale,
-                   float *sc, int64_t max_context, float *out) {
+static inline __attribute__((always_inline)) void attend(const float *q, const void *k_cache, const void *v_cache,
+                                                         const int64_t *table, int64_t n, int64_t kvh, int64_t count,
+                                                         int64_t KVH, int64_t group, int64_t D, int64_t block_size,
+                                                         float scale, float *sc, int64_t max_context, float *out,
+                                                         const int half) {
     const int64_t first = kvh * group, heads = count * group; /* the query heads served */
+    const int64_t value_bytes = half ? 2 : 4;
     for (int64_t t = 0; t < n; t++) {
-        const float *k = k_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        const int64_t row = ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        const char *k = (const char *)k_cache + row * value_bytes;
         for (int64_t h = 0; h < heads; h++)
-            sc[(first + h) * max_context + t] = dot(q + (first + h) * D, k + h / group * D, D) * scale;
+            sc[(first + h) * max_context + t] =
+                dot(q + (first + h) * D, k + h / group * D * value_bytes, D, half) * scale;
     }
     float inv_sum[heads];
     for (int64_t h = 0; h < heads; h++) inv_sum[h] = 1.0f / softmax_unnormalized(sc + (first + h) * max_context, n);
     float *o = out + first * D;
     for (int64_t i = 0; i < heads * D; i++) o[i] = 0.0f;
     for (int64_t t = 0; t < n; t++) {
-        const float *v = v_cache + ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        const int64_t row = ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
+        const char *v = (const char *)v_cache + row * value_bytes;
         for (int64_t h = 0; h < heads; h++) {
             const __m256 p = _mm256_set1_ps(sc[(first + h) * max_context + t]);
-            const float *vh = v + h / group * D;
+            const char *vh = v + h / group * D * value_bytes;
             float *oh = o + h * D;
             for (int64_t i = 0; i < D; i += 8)
-                _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vh + i), _mm256_loadu_ps(oh + i)));
+                _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(p, load_kv(vh, i, half), _mm256_loadu_ps(oh + i)));
         }
     }
     for (int64_t h = 0; h < heads; h++) {
@@ -81,11 +97,23 @@ static void attend(const float *q, const float *k_cache, const float *v_cache, c
     }
 }
 
+static void attend_float(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t n,
+                         int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size,
+                         float scale, float *sc, int64_t max_context, float *out) {
+    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 0);
+}
+
+static void attend_half(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t n,
+                        int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size,
+                        float scale, float *sc, int64_t max_context, float *out) {
+    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 1);
+}
+
 /* Returns 0, or -1 when head_dim is not a multiple of 8 or the heads do not group evenly. */
-int paged_decode_attention(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out) {
+                           float *out, int kv_half) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
     /* Enough sequences to keep every thread busy: one work item each, reading whole K/V rows. Fewer: one item
      * per (sequence, kv head), so that a single stream still uses every core. */
@@ -93,8 +121,9 @@ int paged_decode_attention(const float *q, const float *k_cache, const float *v_
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; i++) {
         const int64_t s = i / (KVH / per_item), kvh = i % (KVH / per_item) * per_item;
-        attend(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks, context_lens[s], kvh, per_item, KVH,
-               H / KVH, D, block_size, scale, scores + s * H * max_context, max_context, out + s * H * D);
+        (kv_half ? attend_half : attend_float)(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
+                                               context_lens[s], kvh, per_item, KVH, H / KVH, D, block_size, scale,
+                                               scores + s * H * max_context, max_context, out + s * H * D);
     }
     return 0;
 }

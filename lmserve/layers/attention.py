@@ -3,7 +3,9 @@
 A step may mix prefills, chunked prefills after a cached prefix, and decodes. The runner describes the step once in
 `AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched call, so the
 Python work per layer does not grow with the number of sequences. Pure-decode steps in float32 on the CPU use
-lmserve's C kernel, which reads K/V in place from the blocks; other steps gather the blocks and call torch.
+lmserve's C kernel, which reads K/V in place from the blocks; other steps gather the blocks and call torch. The
+cache may hold K/V in a narrower dtype than the activations (float16 under float32: half the bytes a decode step
+reads); values are rounded as they are stored and widened as they are read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from lmserve.kernels.native import kernels_available, paged_decode_attention
+from lmserve.kernels.native import NATIVE_KV_DTYPES, kernels_available, paged_decode_attention
 
 
 @dataclass
@@ -89,12 +91,12 @@ class AttentionMetadata:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Store this step's k/v ([tokens, kv_heads, head_dim]) and attend; returns [tokens, heads * head_dim]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     if meta.max_query_len == 1 and _native_decode_applies(q, k_cache):
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size,
                                       scale)
-    keys, values = _gather_context(k_cache, meta), _gather_context(v_cache, meta)
+    keys, values = _gather_context(k_cache, meta).to(q.dtype), _gather_context(v_cache, meta).to(q.dtype)
     if meta.max_query_len == 1:
         return _decode_attention(q, keys, values, meta.mask, scale)
     num_seqs, max_q = meta.block_tables.shape[0], meta.max_query_len
@@ -111,9 +113,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def _native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """lmserve's C kernel reads the cache in place: float32 on the CPU, head size a multiple of 8."""
+    """lmserve's C kernel reads the cache in place: float32 queries on the CPU, a float32 or float16 cache, head size
+    a multiple of 8."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 8 == 0
-            and k_cache.is_contiguous() and kernels_available())
+            and k_cache.dtype in NATIVE_KV_DTYPES and k_cache.is_contiguous() and kernels_available())
 
 
 def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

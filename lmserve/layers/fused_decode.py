@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmserve.kernels.native import (
+    NATIVE_KV_DTYPES,
     LlamaLayerSpec,
     NativeLinearSpec,
     has_bf16_dot_product,
@@ -60,9 +61,11 @@ def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
     return None if not specs or None in specs else (LlamaLayerSpec * len(specs))(*specs)
 
 
-def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock) -> bool:
-    """A decode step whose products `block`'s (any layer's) linears run with lmserve's kernels."""
-    return meta.max_query_len == 1 and block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous()
+def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock, kv_cache: KVCache) -> bool:
+    """A decode step whose products `block`'s (any layer's) linears run with lmserve's kernels, on a cache they
+    read."""
+    return (meta.max_query_len == 1 and block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous()
+            and kv_cache.k.dtype in NATIVE_KV_DTYPES)
 
 
 def fused_llama_decode(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],

@@ -30,12 +30,12 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> None:
         c = lm.config
         self.lm = lm
         self.block_size = block_size
         self.kv_cache = KVCache.allocate(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                         lm.dtype, lm.device)
+                                         kv_dtype, lm.device)
         self.sampler = Sampler()
         # Padded embeddings (Pythia) have rows past the tokenizer's ids: never valid output.
         self.valid_vocab = min(c.vocab_size, lm.tokenizer.vocab_size)
