@@ -108,13 +108,16 @@ def wait_for_listening(log, process, timeout: float = 300.0) -> str:
     raise AssertionError(f"lmserve serve did not start:\n{log.read_text(errors='replace')[-2000:]}")
 
 
-def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path):
-    """`lmserve bench quality`: the GGUF's Q4_1/Q8_0 blocks in decode (and bf16 linear weights on bf16 CPUs)
-    against float32 weights, end to end."""
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
+def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path, kv_cache_dtype):
+    """`lmserve bench quality`: the GGUF's Q4_1/Q8_0 blocks in decode (and bf16 linear weights on bf16 CPUs, and a
+    float16 KV cache when asked) against float32 weights and cache, end to end."""
     out = tmp_path / "quality.json"
     subprocess.run([sys.executable, "-m", "lmserve.cli", "bench", "quality", "--max-text-tokens", "256",
-                    "--num-prompts", "4", "--output-len", "16", "--output-json", str(out)], check=True, timeout=600)
+                    "--num-prompts", "4", "--output-len", "16", "--kv-cache-dtype", kv_cache_dtype,
+                    "--output-json", str(out)], check=True, timeout=600)
     result = json.loads(out.read_text())
+    assert result["candidate"]["kv_cache"] == ("float16" if kv_cache_dtype == "float16" else "float32")
     if kernels_available():
         assert result["candidate"]["quantized_types"] == ["Q4_1", "Q8_0"]
     assert result["text_tokens"] == 256

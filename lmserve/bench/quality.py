@@ -43,7 +43,7 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
     from lmserve.llm import LLM
 
     shared = {**engine_options, "max_num_batched_tokens": cfg.chunk_tokens, "enable_prefix_caching": False}
-    reference = LLM(**{**shared, "dtype": "float32", "quantization": "none"})
+    reference = LLM(**{**shared, "dtype": "float32", "quantization": "none", "kv_cache_dtype": "float32"})
     text_ids = reference.get_tokenizer().encode(Path(cfg.text_path).read_text(encoding="utf-8"))
     text_ids = text_ids[: cfg.max_text_tokens]
     if len(text_ids) < cfg.prompt_len + 2:
@@ -61,7 +61,8 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
     return {
         "text_path": cfg.text_path, "text_tokens": len(text_ids), "chunk_tokens": cfg.chunk_tokens,
         "candidate": {"dtype": str(lm.dtype).removeprefix("torch."), "quantized_types": list(lm.quantized_types),
-                      "linear_weights": str(linear_dtype).removeprefix("torch.")},
+                      "linear_weights": str(linear_dtype).removeprefix("torch."),
+                      "kv_cache": str(candidate.engine.runner.kv_cache.k.dtype).removeprefix("torch.")},
         "reference_perplexity": ref_ppl, "perplexity": ppl, "perplexity_delta_pct": 100 * (ppl / ref_ppl - 1),
         "greedy_identical": sum(n == cfg.output_len for n in agreeing) / len(agreeing),
         "greedy_agreeing_prefix": sum(agreeing) / (len(agreeing) * cfg.output_len),
@@ -75,6 +76,8 @@ def format_quality(r: dict[str, Any]) -> str:
     if c["linear_weights"] != c["dtype"]:
         fast += f" with {c['linear_weights']} linear weights"
     fast += f" + {'/'.join(c['quantized_types'])} decode kernels" if c["quantized_types"] else ""
+    if c.get("kv_cache", c["dtype"]) != c["dtype"]:
+        fast += f", {c['kv_cache']} KV cache"
     return "\n".join([
         f"Quality of {fast} against float32 ({r['text_tokens']} tokens scored in chunks of {r['chunk_tokens']}):",
         f"  perplexity:            {r['perplexity']:.4f} vs {r['reference_perplexity']:.4f} "
