@@ -158,3 +158,29 @@ def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, kv_dtype, m
     assert fused_cache.k.dtype == kv_dtype
     torch.testing.assert_close(fused_cache.k.float(), cache.k.float(), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(fused_cache.v.float(), cache.v.float(), rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+def test_fused_decode_stack_takes_batches_past_the_blocks_row_limit(tmp_path, monkeypatch):
+    """More sequences than a Linear sends to the blocks (MAX_QUANTIZED_ROWS): the C stack still runs the step on
+    them, and agrees with the torch layers (which multiply by the float weights there)."""
+    make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q8_0")
+    lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
+    model, c = lm.model, lm.config
+    seqs = MAX_QUANTIZED_ROWS[torch.float32] + 8
+    assert model.layers[0].mlp.down_proj.runs_natively(seqs)
+    calls = []
+    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
+    block_size, tables, lens = 4, [[s] for s in range(seqs)], [2] * seqs
+    cache = KVCache.allocate(c.num_layers, seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    with torch.inference_mode():
+        prompts = torch.arange(2 * seqs) % 50 + 3
+        model(prompts, AttentionMetadata.build(lens, lens, tables, block_size), cache)
+        step = AttentionMetadata.build([1] * seqs, [3] * seqs, tables, block_size)
+        ids = torch.arange(seqs) % 50 + 10
+        fused = model(ids, step, KVCache(cache.k.clone(), cache.v.clone(), block_size))
+        assert calls == [1]
+        model.fused_stack = None
+        expected = model(ids, step, cache)
+    assert ((fused - expected).norm() / expected.norm()).item() < 1e-3

@@ -6,7 +6,8 @@ arithmetic, where the float weight and torch's GEMM are faster, so both forms ar
 bf16 under float32 activations (where the CPU has native bf16: its GEMMs are twice float32's); the product then
 runs in bf16 and its result comes back as float32. A bf16 weight is kept in lmserve's own tiles instead
 (kernels/bf16_matmul.c: with AVX512-BF16 about twice torch's bf16 GEMM at 8-64 rows, with float32 sums and outputs;
-with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks from 2 rows on.
+with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks from 2 rows on (with AVX2 only, they
+are about even with the blocks from 4 rows).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, qu
 # 4.5 bits a weight against 16).
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
 MAX_QUANTIZED_ROWS_OVER_TILES = 1
+# Sequences up to which a decode step runs in the C stack on the blocks, whatever the row limit above: the whole
+# step, without torch's per-op work, beat torch's float32 GEMMs by 20% at 64 sequences and 16% at 128 (AVX2 EPYC,
+# `benchmarks/step_profile.py`).
+MAX_FUSED_DECODE_ROWS = 128
 
 
 @dataclass
@@ -52,14 +57,15 @@ class Linear(nn.Linear):
         return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
 
     def runs_natively(self, rows: int) -> bool:
-        """Whether a product of `rows` rows has lmserve's kernels to run on (the C decode stack needs them)."""
-        return self.bf16_tiles is not None or rows <= self.max_quantized_rows
+        """Whether a decode step of `rows` sequences should run this layer in the C stack (on tiles or blocks)."""
+        return self.bf16_tiles is not None or (self.quantized is not None and rows <= MAX_FUSED_DECODE_ROWS)
 
     def store_weight_in(self, dtype: torch.dtype) -> None:
         """Keep the float weight in `dtype`; bf16 goes into lmserve's tiles where the CPU and the shape allow."""
         weight = self.weight.detach()
+        float32_bias = self.bias is None or self.bias.dtype == torch.float32  # the kernel adds it in float32
         if dtype == torch.bfloat16 and kernels_available() and weight.shape[0] % 16 == 0 \
-                and weight.shape[1] % 2 == 0 and weight.device.type == "cpu":
+                and weight.shape[1] % 2 == 0 and weight.device.type == "cpu" and float32_bias:
             self.bf16_tiles = pack_bf16(weight)
             self.weight = None
         else:
