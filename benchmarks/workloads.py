@@ -145,7 +145,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     import torch
 
     from lmserve.kernels.native import kernels_available
-    from lmserve.layers.linear import MAX_QUANTIZED_ROWS
+    from lmserve.layers.linear import MAX_FUSED_DECODE_ROWS, MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
     from lmserve.loader import resolve_dtype
     from lmserve.platform import has_fast_bf16
 
@@ -157,8 +157,9 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
-        return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.bfloat16]} rows, bf16 GEMMs above"
-    return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.float32]} rows"
+        return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, bf16 tiles above"
+    return (f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.float32]} rows (decode steps: "
+            f"{MAX_FUSED_DECODE_ROWS} sequences)")
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:
