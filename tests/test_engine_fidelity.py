@@ -52,13 +52,14 @@ def test_greedy_matches_transformers(model_and_reference, shape):
     assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("shape", ["16-seqs", "budget-13-no-prefix-cache", "preemption"])
-def test_float16_kv_cache_stays_with_transformers(model_and_reference, shape):
-    """A float16 KV cache under float32 activations: K/V rounded to 11 significant bits, so greedy outputs may part
-    from float32's where two logits nearly tie, but no more than that; the pool holds twice the blocks."""
+@pytest.mark.parametrize(("shape", "kv_dtype"), [("16-seqs", "float16"), ("budget-13-no-prefix-cache", "float16"),
+                                                 ("preemption", "float16"), ("16-seqs", "bfloat16")])
+def test_half_kv_cache_stays_with_transformers(model_and_reference, shape, kv_dtype):
+    """A 16-bit KV cache under float32 activations (float16: lmserve's C attention; bfloat16: torch's path): K/V
+    rounded as stored, so greedy outputs may part from float32's where two logits nearly tie, but no more."""
     directory, prompts, expected = model_and_reference
-    llm = LLM(str(directory), dtype="float32", kv_cache_dtype="float16", **SHAPES[shape])
-    assert llm.engine.runner.kv_cache.k.dtype == torch.float16
+    llm = LLM(str(directory), dtype="float32", kv_cache_dtype=kv_dtype, **SHAPES[shape])
+    assert llm.engine.runner.kv_cache.k.dtype == getattr(torch, kv_dtype)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     agreeing = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, e, strict=True)) if a != b), MAX_TOKENS)
                 for o, e in zip(outputs, expected, strict=True)]

@@ -182,10 +182,11 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     rows, in_features = x.shape
     out_features = packed.shape[0] * 16
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    x_bf16 = _scratch.get("x_bf16", rows * in_features, torch.int16).data_ptr()
+    dot_product = has_bf16_dot_product() if dot_product is None else dot_product
+    x_bf16 = _scratch.get("x_bf16", rows * in_features, torch.int16).data_ptr() if dot_product else None  # x in bf16
     status = lib.bf16_matmul(x.data_ptr(), rows, in_features, packed.data_ptr(), out_features,
                              None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, x_bf16,
-                             has_bf16_dot_product() if dot_product is None else dot_product)
+                             dot_product)
     if status != 0:
         raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported")
     return out
