@@ -1,5 +1,5 @@
 """lmserve's bf16 tiles (kernels/bf16_matmul.c): the product equals a float32 product of the bf16-rounded weight,
-on AVX2 (float32 FMAs) and, where the CPU has it, AVX512-BF16 (x rounded to bf16 too); a Linear keeps its weight in
+on AVX2 (float32 FMAs) and, where the CPU has them, AVX512-BF16 and AMX (x rounded to bf16 too); a Linear keeps its weight in
 tiles when stored in bf16, and the C decode stack runs on them like the torch layers do."""
 
 from __future__ import annotations
@@ -11,27 +11,34 @@ from gguf_export import export_gguf
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
 import lmserve.models.llama as llama
-from lmserve.kernels.native import bf16_matmul, has_bf16_dot_product, kernels_available, pack_bf16
+from lmserve.kernels.native import (
+    Bf16Kernel,
+    best_bf16_kernel,
+    bf16_matmul,
+    has_bf16_dot_product,
+    kernels_available,
+    pack_bf16,
+)
 from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.fused_decode import fused_llama_decode
 from lmserve.layers.linear import Linear
 from lmserve.loader import load_model
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
-PATHS = [False, *([True] if has_bf16_dot_product() else [])]  # AVX512-BF16 only where the CPU has it
+KERNELS = [kernel for kernel in Bf16Kernel if kernel <= best_bf16_kernel()] if kernels_available() else []
 
 
-@pytest.mark.parametrize("dot_product", PATHS)
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 9, 17, 70, 130])
-@pytest.mark.parametrize(("out_features", "in_features"), [(16, 2), (48, 64), (80, 130), (208, 576)])
-def test_tiles_product_matches_float_product_of_the_bf16_weight(dot_product, rows, out_features, in_features):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 9, 17, 40, 70, 130])
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 2), (48, 64), (80, 130), (208, 576), (96, 1536)])
+def test_tiles_product_matches_float_product_of_the_bf16_weight(kernel, rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
     weight = torch.randn(out_features, in_features, generator=gen)
     x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
     rounded = weight.to(torch.bfloat16).float()
-    x_seen = x.to(torch.bfloat16).float() if dot_product else x
+    x_seen = x.to(torch.bfloat16).float() if kernel != Bf16Kernel.AVX2 else x
     for b in (None, bias):
-        got = bf16_matmul(x, pack_bf16(weight), b, dot_product=dot_product)
+        got = bf16_matmul(x, pack_bf16(weight), b, kernel=kernel)
         torch.testing.assert_close(got, F.linear(x_seen, rounded, b), rtol=1e-4, atol=1e-4)
 
 
@@ -57,7 +64,7 @@ def test_linear_stored_in_bf16_keeps_tiles_and_runs_on_them():
 
 
 @pytest.mark.parametrize("source", ["gguf-q4_1", "safetensors"])
-@pytest.mark.parametrize("seqs", [1, 3, 7])
+@pytest.mark.parametrize("seqs", [1, 3, 7, 20])
 def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, source, seqs):
     """The C stack on tiles (and, for one row, the GGUF blocks) against the same model's torch layers."""
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
@@ -73,9 +80,11 @@ def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypa
     monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
     block_size = 4
     prompts = [list(range(3 + s, 8 + 2 * s)) for s in range(seqs)]
-    tables = [[3 * s, 3 * s + 1, 3 * s + 2, 3 * s + 3] for s in range(seqs)]
-    cache = KVCache.allocate(c.num_layers, 4 * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
     lens = [len(p) for p in prompts]
+    per_seq = max(lens) // block_size + 1  # blocks for the prompt and the decoded token
+    tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
+    cache = KVCache.allocate(c.num_layers, per_seq * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32,
+                             "cpu")
     with torch.inference_mode():
         model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
         step = AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables, block_size)

@@ -100,11 +100,14 @@ def test_quantization_option_is_validated():
 
 @needs_kernels
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(6, 2, 16), (4, 1, 8), (3, 3, 64), (9, 3, 64)])
-@pytest.mark.parametrize("context_lens", [[1, 5, 17, 40, 8], [17, 3]])  # a work item per sequence / per kv head
-def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim, context_lens, kv_dtype):
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"),
+                         [(6, 2, 16), (4, 1, 8), (3, 3, 64), (9, 3, 64), (4, 2, 80), (2, 1, 128)])
+@pytest.mark.parametrize("context_lens", [[1, 5, 17, 40, 8], [17, 3], [33, 100]])  # an item per sequence / kv head
+@pytest.mark.parametrize("block_size", [4, 16])  # 16: eight tokens at a time within a block, then the block's tail
+def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head_dim, context_lens, kv_dtype,
+                                                            block_size):
     gen = torch.Generator().manual_seed(heads * head_dim)
-    block_size, num_blocks = 4, 40
+    num_blocks = 200 // block_size + 10
     free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, shuffled blocks
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
     meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block_size)

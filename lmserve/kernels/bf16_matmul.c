@@ -5,7 +5,8 @@
  * lanes, each the sum of two bf16 products added to a float32) does twice the work of a float32 FMA: torch's bf16
  * GEMM reaches about 40% of that at 32 rows and rounds its output to bf16; this keeps ~3/4 of the peak from 8 rows
  * on, with float32 outputs (x is rounded to bf16 once per product, to nearest even). With AVX2 only, the weights
- * are widened to float32 in registers (a shift or a mask per 8 values) and multiplied by x in float32.
+ * are widened to float32 in registers (a shift or a mask per 8 values) and multiplied by x in float32. With AMX,
+ * products of 8 rows or more go to the tile unit (bf16_amx.c), on the same packed weights.
  *
  * W comes packed (native.pack_bf16): tiles of 16 output columns, each [K / 2][16][2] -- for every pair of inputs,
  * the two weights of each of the 16 columns side by side, so one 64-byte load feeds a dot product of 16 columns
@@ -15,13 +16,21 @@
  * items; a thread's consecutive items share a column group, so its weights stay in cache while rows stream past.
  *
  * x: float32 [M, K], rows contiguous.   w: bf16 [N / 16][K / 2][16][2].   bias: float32 [N] or NULL.
- * y: float32, row m at y + m * y_stride.   xb: scratch for x in bf16, M * K values (AVX-512 only).
+ * y: float32, row m at y + m * y_stride.   xb: scratch for x in bf16, bf16_scratch_values(M, K) (AVX-512, AMX).
  * The AVX-512 part is compiled for AVX512-BF16 whatever the library's flags: callers check the CPU (native.py).
  */
 #include <immintrin.h>
 #include <stdint.h>
 
 #define ROW_BLOCK 64 /* rows per work item */
+#define AMX_ROWS 32  /* rows per AMX micro-tile (bf16_amx.c) */
+#define AMX_MIN_ROWS 2 /* one row: vdpbf16ps is as fast, and the tiles would be 15/16 padding */
+enum { BF16_AVX2, BF16_AVX512, BF16_AMX };
+
+void amx_begin(void);
+void amx_end(void);
+void amx_tile(const uint16_t *xb, int64_t K, const uint16_t *w, int64_t tile, int rows, int cols, const float *bias,
+              float *y, int64_t y_stride);
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------------ */
 
@@ -138,19 +147,26 @@ static void tile_avx512(const int32_t *xpairs, int64_t pairs, const uint16_t *w,
 
 #pragma GCC pop_options
 
-/* Returns 0, or -1 when N is not a multiple of 16 or K is odd. */
+/* Values of bf16 scratch (xb) a product of M rows of K inputs needs: AMX reads x in tiles of 32 rows. */
+int64_t bf16_scratch_values(int64_t M, int64_t K) { return (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * K; }
+
+/* Returns 0, or -1 when N is not a multiple of 16 or K is odd. kernel: BF16_AVX2, BF16_AVX512 or BF16_AMX (the
+ * caller has checked the CPU, and for AMX called amx_enable). */
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
-                int64_t y_stride, uint16_t *xb, int avx512_bf16) {
+                int64_t y_stride, uint16_t *xb, int kernel) {
     if (N % 16 != 0 || K % 2 != 0) return -1;
-    const int64_t pairs = K / 2, tiles = N / 16, per_group = avx512_bf16 ? NR : 1;
+    const int amx = kernel == BF16_AMX && M >= AMX_MIN_ROWS && K % 32 == 0;
+    const int dot_product = kernel != BF16_AVX2;
+    const int64_t pairs = K / 2, tiles = N / 16, per_group = amx ? 2 : dot_product ? NR : 1;
     const int64_t groups = (tiles + per_group - 1) / per_group, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t micro_rows = avx512_bf16 ? MR : MR_AVX2;
+    const int64_t micro_rows = amx ? AMX_ROWS : dot_product ? MR : MR_AVX2;
 #pragma omp parallel
     {
-        if (avx512_bf16) {
+        if (dot_product) {
 #pragma omp for schedule(static)
             for (int64_t m = 0; m < M; m++) convert_rows_avx512(x + m * K, K, xb + m * K);
         }
+        if (amx) amx_begin();
 #pragma omp for schedule(guided)
         for (int64_t item = 0; item < groups * row_blocks; item++) {
             const int64_t group = item / row_blocks, first_row = item % row_blocks * ROW_BLOCK;
@@ -161,13 +177,16 @@ int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t
             float *yg = y + group * per_group * 16;
             for (int64_t m = first_row; m < last_row; m += micro_rows) {
                 const int rows = last_row - m < micro_rows ? (int)(last_row - m) : (int)micro_rows;
-                if (avx512_bf16)
+                if (amx)
+                    amx_tile(xb + m * K, K, wg, pairs * 32, rows, cols, bg, yg + m * y_stride, y_stride);
+                else if (dot_product)
                     tile_avx512((const int32_t *)xb + m * pairs, pairs, wg, rows, cols, bg, yg + m * y_stride,
                                 y_stride);
                 else
                     tile_avx2(x + m * K, K, wg, rows, bg, yg + m * y_stride, y_stride);
             }
         }
+        if (amx) amx_end();
     }
     return 0;
 }

@@ -22,7 +22,8 @@
 int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
                  int16_t *xq, float *xscale, float *xsum);
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
-                int64_t y_stride, uint16_t *xb, int avx512_bf16);
+                int64_t y_stride, uint16_t *xb, int kernel);
+int64_t bf16_scratch_values(int64_t M, int64_t K);
 int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
@@ -41,7 +42,7 @@ typedef struct {
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, rotary_dim, intermediate;
     float eps, scale;
-    int bf16_dot_product;      /* the tiles' products use AVX512-BF16 */
+    int bf16_kernel;           /* bf16_matmul's kernel for the tiles: AVX2, AVX512-BF16 or AMX */
     const float *input_norm, *post_attention_norm;
     NativeLinear qkv, o, gate_up, down;
 } LlamaLayer;
@@ -53,7 +54,7 @@ static int64_t layer_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_c
     const int64_t widest_input = max3(L->hidden, q, L->intermediate);
     const int64_t floats = M * (L->hidden + qkv + 2 * q + 2 * L->intermediate + L->intermediate + L->hidden)
                            + M * L->heads * max_context + 2 * M * (widest_input / 32);
-    return 4 * floats + 2 * M * widest_input;
+    return 4 * floats + 2 * bf16_scratch_values(M, widest_input);
 }
 
 /* Scratch for llama_decode_stack: what the widest of the layers needs. */
@@ -107,7 +108,7 @@ typedef struct {
 } QuantScratch;
 
 static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y,
-                  const QuantScratch *s, int bf16_dot_product) {
+                  const QuantScratch *s, int bf16_kernel) {
     if (W->blocks && (M <= W->max_block_rows || !W->bf16_tiles)) {
         if (quant_matmul(W->qtype, x, M, K, W->blocks, N, y, s->xq, s->xscale, s->xsum) != 0) return -1;
         if (W->bias)
@@ -116,7 +117,7 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
         return 0;
     }
     if (!W->bf16_tiles) return -1;
-    return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_dot_product);
+    return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_kernel);
 }
 
 static void add_into(float *x, const float *delta, int64_t n) {
@@ -159,7 +160,7 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
 
     rms_norm(x, L->input_norm, M, hidden, L->eps, h);
-    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs, L->bf16_dot_product)) return -1;
+    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs, L->bf16_kernel)) return -1;
 #pragma omp parallel for if (M >= PARALLEL_ROWS)
     for (int64_t m = 0; m < M; m++) {
         float *row = qkv + m * qkv_width;
@@ -173,13 +174,13 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     if (paged_decode_attention(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
                                L->scale, scores, max_context, attn, kv_half))
         return -1;
-    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_dot_product)) return -1;
+    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_kernel)) return -1;
     add_into(x, delta, M * hidden);
 
     rms_norm(x, L->post_attention_norm, M, hidden, L->eps, h);
-    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs, L->bf16_dot_product)) return -1;
+    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs, L->bf16_kernel)) return -1;
     silu_mul(gate_up, M, inter, act);
-    if (linear(&L->down, act, M, inter, hidden, delta, &qs, L->bf16_dot_product)) return -1;
+    if (linear(&L->down, act, M, inter, hidden, delta, &qs, L->bf16_kernel)) return -1;
     add_into(x, delta, M * hidden);
     return 0;
 }

@@ -7,6 +7,7 @@ than at install time; a machine without a C compiler, or a CPU without AVX2/FMA/
 from __future__ import annotations
 
 import ctypes
+import enum
 import hashlib
 import logging
 import os
@@ -26,7 +27,7 @@ from lmserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.c", "bf16_matmul.c", "paged_attention.c", "llama_decode_layer.c")]
+           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "llama_decode_layer.c")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
@@ -69,6 +70,9 @@ def _library() -> ctypes.CDLL | None:
     lib.quant_matmul.restype = ctypes.c_int
     lib.bf16_matmul.argtypes = [pointer, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
     lib.bf16_matmul.restype = ctypes.c_int
+    lib.bf16_scratch_values.argtypes = [size, size]
+    lib.bf16_scratch_values.restype = size
+    lib.amx_enable.restype = ctypes.c_int
     lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
                                            size, ctypes.c_float, pointer, size, pointer, ctypes.c_int]
     lib.paged_decode_attention.restype = ctypes.c_int
@@ -93,7 +97,7 @@ class LlamaLayerSpec(ctypes.Structure):
 
     _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "rotary_dim",
                                                        "intermediate")),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16_dot_product", ctypes.c_int),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("bf16_kernel", ctypes.c_int),
                 ("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p),
                 *((name, NativeLinearSpec) for name in ("qkv", "o", "gate_up", "down"))]
 
@@ -165,6 +169,25 @@ def has_bf16_dot_product() -> bool:
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= cpu_flags()
 
 
+class Bf16Kernel(enum.IntEnum):
+    """bf16_matmul's arithmetic (bf16_matmul.c): float32 FMAs, AVX512-BF16 dot products, or AMX tiles (which leave
+    products of few rows to the dot products)."""
+
+    AVX2 = 0
+    AVX512 = 1
+    AMX = 2
+
+
+@cache
+def best_bf16_kernel() -> Bf16Kernel:
+    """The fastest kernel this CPU runs; AMX only once Linux grants the process its tile state."""
+    if not has_bf16_dot_product():
+        return Bf16Kernel.AVX2
+    if {"amx_tile", "amx_bf16"} <= cpu_flags() and _required_library().amx_enable():
+        return Bf16Kernel.AMX
+    return Bf16Kernel.AVX512
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """A [N, K] weight (N a multiple of 16, K even) in bf16_matmul's layout: tiles of 16 output columns, each
     [K / 2][16][2], so one 64-byte load holds a pair of inputs' weights for 16 columns."""
@@ -174,19 +197,19 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                dot_product: bool | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ W.T (+ bias), W in pack_bf16's layout: [M, N] float32, summed in float32. dot_product:
-    use AVX512-BF16 (x rounded to bf16) rather than float32 FMAs; by default, where the CPU has it."""
+                kernel: Bf16Kernel | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T (+ bias), W in pack_bf16's layout: [M, N] float32, summed in float32. With the AVX512
+    and AMX kernels x is rounded to bf16 first. kernel: by default the CPU's best."""
     lib = _required_library()
     x = x.contiguous()
     rows, in_features = x.shape
     out_features = packed.shape[0] * 16
     out = torch.empty(rows, out_features, dtype=torch.float32)
-    dot_product = has_bf16_dot_product() if dot_product is None else dot_product
-    x_bf16 = _scratch.get("x_bf16", rows * in_features, torch.int16).data_ptr() if dot_product else None  # x in bf16
+    kernel = best_bf16_kernel() if kernel is None else kernel
+    x_bf16 = _scratch.get("x_bf16", lib.bf16_scratch_values(rows, in_features), torch.int16).data_ptr()
     status = lib.bf16_matmul(x.data_ptr(), rows, in_features, packed.data_ptr(), out_features,
                              None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, x_bf16,
-                             dot_product)
+                             int(kernel))
     if status != 0:
         raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported")
     return out

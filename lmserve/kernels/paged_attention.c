@@ -59,41 +59,80 @@ static float softmax_unnormalized(float *scores, int64_t n) {
     return sum;
 }
 
+/* The sums of eight vectors, lane j holding the sum of v[j]'s lanes. */
+static inline __m256 horizontal_sums8(const __m256 v[8]) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* Scores of query qh against tokens [0, n): within each block, eight tokens at a time with one accumulator each,
+ * so the FMAs never wait on each other. Rows are found block by block (no division per token). */
+static inline __attribute__((always_inline)) void scores(const float *qh, const char *cache, const int64_t *table,
+                                                         int64_t n, int64_t block_bytes, int64_t row_bytes,
+                                                         int64_t block_size, int64_t D, float scale, float *sh,
+                                                         const int half) {
+    for (int64_t b = 0, t = 0; t < n; b++) {
+        const char *block = cache + table[b] * block_bytes;
+        const int64_t rows = block_size < n - t ? block_size : n - t;
+        int64_t j = 0;
+        for (; j + 8 <= rows; j += 8) {
+            __m256 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + i);
+                for (int r = 0; r < 8; r++)
+                    acc[r] = _mm256_fmadd_ps(qv, load_kv(block + (j + r) * row_bytes, i, half), acc[r]);
+            }
+            _mm256_storeu_ps(sh + t + j, _mm256_mul_ps(horizontal_sums8(acc), _mm256_set1_ps(scale)));
+        }
+        for (; j < rows; j++) sh[t + j] = dot(qh, block + j * row_bytes, D, half) * scale;
+        t += rows;
+    }
+}
+
+/* out[0, D) = sum over tokens of p[t] * V row t, 64 dims at a time summed in registers. */
+static inline __attribute__((always_inline)) void weighted_values(const float *p, const char *cache,
+                                                                  const int64_t *table, int64_t n, int64_t block_bytes,
+                                                                  int64_t row_bytes, int64_t block_size, int64_t D,
+                                                                  float inv_sum, float *out, const int half) {
+    for (int64_t d = 0; d < D; d += 64) {
+        const int64_t chunks = (D - d < 64 ? D - d : 64) / 8;
+        __m256 o[8];
+        for (int64_t i = 0; i < chunks; i++) o[i] = _mm256_setzero_ps();
+        for (int64_t b = 0, t = 0; t < n; b++) {
+            const char *block = cache + table[b] * block_bytes;
+            const int64_t rows = block_size < n - t ? block_size : n - t;
+            for (int64_t j = 0; j < rows; j++) {
+                const __m256 pj = _mm256_set1_ps(p[t + j]);
+                for (int64_t i = 0; i < chunks; i++)
+                    o[i] = _mm256_fmadd_ps(pj, load_kv(block + j * row_bytes, d + 8 * i, half), o[i]);
+            }
+            t += rows;
+        }
+        for (int64_t i = 0; i < chunks; i++)
+            _mm256_storeu_ps(out + d + 8 * i, _mm256_mul_ps(o[i], _mm256_set1_ps(inv_sum)));
+    }
+}
+
 /* The query heads of kv heads [kvh, kvh + count) of one sequence (q, out: its [H, D] rows; sc: its [H, max_context]
- * scores). Token-major: each token's K (then V) rows of those kv heads are one contiguous read. */
+ * scores). A head's K and V rows are read once per query head of its group: the second and third reads come from
+ * cache. */
 static inline __attribute__((always_inline)) void attend(const float *q, const void *k_cache, const void *v_cache,
                                                          const int64_t *table, int64_t n, int64_t kvh, int64_t count,
                                                          int64_t KVH, int64_t group, int64_t D, int64_t block_size,
                                                          float scale, float *sc, int64_t max_context, float *out,
                                                          const int half) {
-    const int64_t first = kvh * group, heads = count * group; /* the query heads served */
-    const int64_t value_bytes = half ? 2 : 4;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t row = ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
-        const char *k = (const char *)k_cache + row * value_bytes;
-        for (int64_t h = 0; h < heads; h++)
-            sc[(first + h) * max_context + t] =
-                dot(q + (first + h) * D, k + h / group * D * value_bytes, D, half) * scale;
-    }
-    float inv_sum[heads];
-    for (int64_t h = 0; h < heads; h++) inv_sum[h] = 1.0f / softmax_unnormalized(sc + (first + h) * max_context, n);
-    float *o = out + first * D;
-    for (int64_t i = 0; i < heads * D; i++) o[i] = 0.0f;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t row = ((table[t / block_size] * block_size + t % block_size) * KVH + kvh) * D;
-        const char *v = (const char *)v_cache + row * value_bytes;
-        for (int64_t h = 0; h < heads; h++) {
-            const __m256 p = _mm256_set1_ps(sc[(first + h) * max_context + t]);
-            const char *vh = v + h / group * D * value_bytes;
-            float *oh = o + h * D;
-            for (int64_t i = 0; i < D; i += 8)
-                _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(p, load_kv(vh, i, half), _mm256_loadu_ps(oh + i)));
+    const int64_t value_bytes = half ? 2 : 4, row_bytes = KVH * D * value_bytes, block_bytes = block_size * row_bytes;
+    for (int64_t c = 0; c < count; c++) {
+        const char *k = (const char *)k_cache + (kvh + c) * D * value_bytes;
+        const char *v = (const char *)v_cache + (kvh + c) * D * value_bytes;
+        for (int64_t h = (kvh + c) * group; h < (kvh + c + 1) * group; h++) {
+            float *sh = sc + h * max_context;
+            scores(q + h * D, k, table, n, block_bytes, row_bytes, block_size, D, scale, sh, half);
+            const float inv_sum = 1.0f / softmax_unnormalized(sh, n);
+            weighted_values(sh, v, table, n, block_bytes, row_bytes, block_size, D, inv_sum, out + h * D, half);
         }
-    }
-    for (int64_t h = 0; h < heads; h++) {
-        const __m256 inv = _mm256_set1_ps(inv_sum[h]);
-        for (int64_t i = 0; i < D; i += 8)
-            _mm256_storeu_ps(o + h * D + i, _mm256_mul_ps(inv, _mm256_loadu_ps(o + h * D + i)));
     }
 }
 

@@ -17,7 +17,7 @@ from lmserve.kernels.native import (
     NATIVE_KV_DTYPES,
     LlamaLayerSpec,
     NativeLinearSpec,
-    has_bf16_dot_product,
+    best_bf16_kernel,
     kernels_available,
     llama_decode_stack,
 )
@@ -50,7 +50,7 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
         return None
     return LlamaLayerSpec(
         block.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim, block.rotary_dim, mlp.intermediate_size,
-        block.input_layernorm.eps, attn.scale, has_bf16_dot_product(), block.input_layernorm.weight.data_ptr(),
+        block.input_layernorm.eps, attn.scale, best_bf16_kernel(), block.input_layernorm.weight.data_ptr(),
         block.post_attention_layernorm.weight.data_ptr(), *map(_linear_spec, linears))
 
 
