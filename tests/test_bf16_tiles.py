@@ -1,6 +1,6 @@
 """lmserve's bf16 tiles (kernels/bf16_matmul.c): the product equals a float32 product of the bf16-rounded weight,
-on AVX2 (float32 FMAs) and, where the CPU has them, AVX512-BF16 and AMX (x rounded to bf16 too); a Linear keeps its weight in
-tiles when stored in bf16, and the C decode stack runs on them like the torch layers do."""
+on AVX2 (float32 FMAs) and, where the CPU has them, AVX512-BF16 and AMX (x rounded to bf16 too); a Linear keeps its
+weight in tiles when stored in bf16, and the C decode stack runs on them like the torch layers do."""
 
 from __future__ import annotations
 
