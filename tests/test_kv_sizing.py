@@ -11,6 +11,7 @@ from lmserve.commands.engine_args import add_engine_args, engine_options
 from lmserve.config import ModelConfig
 from lmserve.engine import config as engine_config
 from lmserve.engine.config import EngineConfig, choose_num_blocks, kv_bytes_per_token
+from lmserve.kernels.native import kernels_available
 
 MODEL = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
                              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -43,8 +44,13 @@ def test_auto_is_a_share_of_free_memory_capped_by_need_and_by_4_gib(monkeypatch)
 def test_kv_cache_dtype_is_validated_and_sizes_the_pool(monkeypatch):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(kv_cache_dtype="int4")
-    assert engine_config.kv_cache_dtype(EngineConfig(), torch.float32) == torch.float32  # auto: the activations'
-    assert engine_config.kv_cache_dtype(EngineConfig(kv_cache_dtype="float16"), torch.float32) == torch.float16
+    auto = torch.float16 if kernels_available() else torch.float32  # float16 where the C attention reads it
+    assert engine_config.kv_cache_dtype(EngineConfig(), torch.float32, CPU) == auto
+    assert engine_config.kv_cache_dtype(EngineConfig(), torch.bfloat16, CPU) == torch.bfloat16  # the activations'
+    assert engine_config.kv_cache_dtype(EngineConfig(dtype="float32"), torch.float32, CPU) == torch.float32  # exact
+    assert engine_config.kv_cache_dtype(EngineConfig(kv_cache_dtype="float16"), torch.float32, CPU) == torch.float16
+    monkeypatch.setattr(engine_config, "kernels_available", lambda: False)
+    assert engine_config.kv_cache_dtype(EngineConfig(), torch.float32, CPU) == torch.float32  # torch's attention
     budget = dict(kv_cache_memory_gb=0.001)
     half = choose_num_blocks(EngineConfig(**budget), MODEL, 256, torch.float16, CPU)
     assert half == 2 * blocks(monkeypatch, 1 << 30, **budget)  # half the bytes a block: twice the blocks

@@ -30,7 +30,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_len
         if not 1 < self.max_model_len <= model_len:
             raise ValueError(f"max_model_len must be in [2, {model_len}] for this model, got {config.max_model_len}")
-        kv_dtype = kv_cache_dtype(config, self.lm.dtype)
+        kv_dtype = kv_cache_dtype(config, self.lm.dtype, self.lm.device)
         num_blocks = choose_num_blocks(config, self.lm.config, self.max_model_len, kv_dtype, self.lm.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
