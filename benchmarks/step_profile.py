@@ -41,7 +41,7 @@ def timed(spent: dict[str, float], part: str, fn: Callable[..., Any]) -> Callabl
 def instrument_layers(spent: dict[str, float]) -> None:
     Linear.forward = timed(spent, "linears", Linear.forward)
     self_attention.paged_attention = timed(spent, "attention", self_attention.paged_attention)
-    llama.fused_llama_decode = timed(spent, "fused layers", llama.fused_llama_decode)
+    llama.fused_llama_layers = timed(spent, "fused layers", llama.fused_llama_layers)
 
 
 def profile(llm: LLM, spent: dict[str, float], batch: int, steps: int) -> dict[str, float]:

@@ -20,7 +20,7 @@ from lmserve.kernels.native import (
     pack_bf16,
 )
 from lmserve.layers.attention import AttentionMetadata, KVCache
-from lmserve.layers.fused_decode import fused_llama_decode
+from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import Linear
 from lmserve.loader import load_model
 
@@ -65,8 +65,9 @@ def test_linear_stored_in_bf16_keeps_tiles_and_runs_on_them():
 
 @pytest.mark.parametrize("source", ["gguf-q4_1", "safetensors"])
 @pytest.mark.parametrize("seqs", [1, 3, 7, 20])
-def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, source, seqs):
-    """The C stack on tiles (and, for one row, the GGUF blocks) against the same model's torch layers."""
+def test_fused_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, source, seqs):
+    """The C stack on tiles (and, for one row, the GGUF blocks) against the same model's torch layers, in a prefill
+    and a decode step."""
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
     path = tmp_path / "hf"
     if source == "gguf-q4_1":
@@ -77,7 +78,7 @@ def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypa
     model.store_linear_weights_in(torch.bfloat16)
     assert model.fused_stack is not None
     calls = []
-    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
+    monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
     block_size = 4
     prompts = [list(range(3 + s, 8 + 2 * s)) for s in range(seqs)]
     lens = [len(p) for p in prompts]
@@ -85,15 +86,17 @@ def test_fused_decode_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypa
     tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
     cache = KVCache.allocate(c.num_layers, per_seq * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32,
                              "cpu")
-    with torch.inference_mode():
-        model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
-        step = AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables, block_size)
-        ids = torch.arange(40, 40 + seqs)
-        fused_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
-        fused = model(ids, step, fused_cache)
-        assert calls == [1]  # decode took the C stack (the prefill did not)
-        model.fused_stack = None
-        expected = model(ids, step, cache)
-    assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
-    torch.testing.assert_close(fused_cache.k, cache.k, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(fused_cache.v, cache.v, rtol=1e-3, atol=1e-3)
+    prefill = (torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size))
+    decode = (torch.arange(40, 40 + seqs), AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables,
+                                                                    block_size))
+    stack, torch_cache = model.fused_stack, KVCache(cache.k.clone(), cache.v.clone(), block_size)
+    for ids, meta in (prefill, decode):
+        with torch.inference_mode():
+            model.fused_stack = stack
+            fused = model(ids, meta, cache)
+            model.fused_stack = None
+            expected = model(ids, meta, torch_cache)
+        assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
+        torch.testing.assert_close(cache.k, torch_cache.k, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(cache.v, torch_cache.v, rtol=1e-3, atol=1e-3)
+    assert calls == [1, 1]  # the prefill and the decode took the C stack

@@ -18,12 +18,12 @@ from lmserve.kernels.native import (
     BLOCK_BYTES,
     kernels_available,
     pack_blocks,
-    paged_decode_attention,
+    paged_attention_by_row,
     qtype_of,
     quant_matmul,
 )
 from lmserve.layers.attention import AttentionMetadata, KVCache, _decode_attention, _gather_context
-from lmserve.layers.fused_decode import fused_llama_decode
+from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
 from lmserve.loader import load_model
 
@@ -117,7 +117,7 @@ def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head
     scale = head_dim**-0.5
     keys, values = (_gather_context(cache, meta).float() for cache in (k_cache, v_cache))  # float16 widens exactly
     expected = _decode_attention(q, keys, values, meta.mask, scale)
-    got = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, block_size, scale)
+    got = paged_attention_by_row(q, k_cache, v_cache, meta.block_tables, meta.context_lens, block_size, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -126,41 +126,47 @@ def test_decode_attention_refuses_head_sizes_it_cannot_vectorize():
     meta = AttentionMetadata.build([1], [3], [[0]], 4)
     cache = torch.zeros(4, 1, 12)
     with pytest.raises(ValueError, match="multiple of 8"):
-        paged_decode_attention(torch.zeros(1, 2, 12), cache, cache, meta.block_tables, meta.context_lens, 4, 1.0)
+        paged_attention_by_row(torch.zeros(1, 2, 12), cache, cache, meta.block_tables, meta.context_lens, 4, 1.0)
 
 
 @needs_kernels
 @pytest.mark.parametrize(("name", "kv_dtype"), [("llama-gqa-tied", torch.float32), ("qwen2-bias", torch.float32),
                                                 ("llama-mha-untied", torch.float32), ("llama-gqa-tied", torch.float16)])
-def test_fused_decode_stack_matches_the_torch_layers(tmp_path, name, kv_dtype, monkeypatch):
-    """Whole-stack C decode against the same model's torch layers: hidden states and the K/V it stores (in a
-    float16 cache too, rounded the same way)."""
+def test_fused_stack_matches_the_torch_layers_in_every_step_shape(tmp_path, name, kv_dtype, monkeypatch):
+    """Whole-stack C layers against the same model's torch layers, step after step -- a prefill, a mixed step (a
+    chunked prefill continuing beside decodes), a decode: hidden states and the K/V stored (in a float16 cache too,
+    rounded the same way)."""
     make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
     lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
     model, c = lm.model, lm.config
-    assert model.fused_stack is not None and len(model.fused_stack) == c.num_layers
+    stack = model.fused_stack
+    assert stack is not None and len(stack) == c.num_layers
     calls = []
-    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
-    block_size, prompts = 4, [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4]]
-    tables = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
+    block_size, tables = 4, [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
     cache = KVCache.allocate(c.num_layers, 10, block_size, c.num_kv_heads, c.head_dim, kv_dtype, "cpu")
-    lens = [len(p) for p in prompts]
-    with torch.inference_mode():
-        model(torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size), cache)
-        step = AttentionMetadata.build([1, 1, 1], [n + 1 for n in lens], tables, block_size)
-        ids = torch.tensor([40, 41, 42])
-        fused_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
-        fused = model(ids, step, fused_cache)
-        assert calls == [1]  # decode took the C stack (the prefill above did not)
-        model.fused_stack = None
-        expected = model(ids, step, cache)
-    # Both paths quantize each product's input to int16 (steps of max|x| / 32767), so float-rounding differences
-    # in those inputs can move a value by one step: ~1e-4 of the norm is that noise; a wrong layer is off by ~1.
-    assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
-    assert fused_cache.k.dtype == kv_dtype
-    torch.testing.assert_close(fused_cache.k.float(), cache.k.float(), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(fused_cache.v.float(), cache.v.float(), rtol=1e-3, atol=1e-3)
+    steps = [  # (new tokens, query lens, context lens)
+        ([5, 6, 7, 8, 9, *range(20, 28), 3, 4], [5, 8, 2], [5, 8, 2]),
+        ([40, *range(28, 31), 41], [1, 3, 1], [6, 11, 3]),
+        ([42, 43, 44], [1, 1, 1], [7, 12, 4]),
+    ]
+    for ids, query_lens, context_lens in steps:
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
+        torch_cache = KVCache(cache.k.clone(), cache.v.clone(), block_size)
+        with torch.inference_mode():
+            model.fused_stack = stack
+            fused = model(torch.tensor(ids), meta, cache)
+            model.fused_stack = None
+            expected = model(torch.tensor(ids), meta, torch_cache)
+        # Both paths quantize each product's input to int16 (steps of max|x| / 32767), so float-rounding
+        # differences in those inputs can move a value by one step: ~1e-4 of the norm is that noise; a wrong layer
+        # is off by ~1.
+        assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
+        assert cache.k.dtype == kv_dtype
+        torch.testing.assert_close(cache.k.float(), torch_cache.k.float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(cache.v.float(), torch_cache.v.float(), rtol=1e-3, atol=1e-3)
+    assert calls == [1, 1, 1]  # every step took the C stack
 
 
 @needs_kernels
@@ -174,7 +180,7 @@ def test_fused_decode_stack_takes_batches_past_the_blocks_row_limit(tmp_path, mo
     seqs = MAX_QUANTIZED_ROWS[torch.float32] + 8
     assert model.layers[0].mlp.down_proj.runs_natively(seqs)
     calls = []
-    monkeypatch.setattr(llama, "fused_llama_decode", lambda *args: calls.append(1) or fused_llama_decode(*args))
+    monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
     block_size, tables, lens = 4, [[s] for s in range(seqs)], [2] * seqs
     cache = KVCache.allocate(c.num_layers, seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
     with torch.inference_mode():
@@ -183,7 +189,7 @@ def test_fused_decode_stack_takes_batches_past_the_blocks_row_limit(tmp_path, mo
         step = AttentionMetadata.build([1] * seqs, [3] * seqs, tables, block_size)
         ids = torch.arange(seqs) % 50 + 10
         fused = model(ids, step, KVCache(cache.k.clone(), cache.v.clone(), block_size))
-        assert calls == [1]
+        assert calls == [1, 1]  # the prefill and the decode
         model.fused_stack = None
         expected = model(ids, step, cache)
     assert ((fused - expected).norm() / expected.norm()).item() < 1e-3

@@ -27,7 +27,7 @@ from lmserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "llama_decode_layer.c")]
+           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "llama_layers.c")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
@@ -73,27 +73,29 @@ def _library() -> ctypes.CDLL | None:
     lib.bf16_scratch_values.argtypes = [size, size]
     lib.bf16_scratch_values.restype = size
     lib.amx_enable.restype = ctypes.c_int
-    lib.paged_decode_attention.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
+    lib.paged_attention_by_row.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
                                            size, ctypes.c_float, pointer, size, pointer, ctypes.c_int]
-    lib.paged_decode_attention.restype = ctypes.c_int
+    lib.paged_attention_by_row.restype = ctypes.c_int
+    lib.attention_scratch_floats.argtypes = [size, size]
+    lib.attention_scratch_floats.restype = size
     layer = ctypes.POINTER(LlamaLayerSpec)
-    lib.llama_decode_scratch_bytes.argtypes = [layer, size, size, size]
-    lib.llama_decode_scratch_bytes.restype = size
-    lib.llama_decode_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, ctypes.c_int,
+    lib.llama_stack_scratch_bytes.argtypes = [layer, size, size, size]
+    lib.llama_stack_scratch_bytes.restype = size
+    lib.llama_layer_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, ctypes.c_int,
                                        size, pointer, pointer, size, pointer, size, pointer]
-    lib.llama_decode_stack.restype = ctypes.c_int
+    lib.llama_layer_stack.restype = ctypes.c_int
     return lib
 
 
 class NativeLinearSpec(ctypes.Structure):
-    """llama_decode_layer.c's NativeLinear: blocks (with their ggml type), bf16 tiles, or both."""
+    """llama_layers.c's NativeLinear: blocks (with their ggml type), bf16 tiles, or both."""
 
     _fields_ = [("qtype", ctypes.c_int), ("blocks", ctypes.c_void_p), ("bf16_tiles", ctypes.c_void_p),
                 ("max_block_rows", ctypes.c_int64), ("bias", ctypes.c_void_p)]
 
 
 class LlamaLayerSpec(ctypes.Structure):
-    """llama_decode_layer.c's LlamaLayer: shapes and pointers into a block's tensors (which must outlive it)."""
+    """llama_layers.c's LlamaLayer: shapes and pointers into a block's tensors (which must outlive it)."""
 
     _fields_ = [*((name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim", "rotary_dim",
                                                        "intermediate")),
@@ -224,40 +226,42 @@ def _half(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     return k_cache.dtype == torch.float16
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """One query per sequence (q [seqs, heads, head_dim], float32) against its paged context, read in place from
-    k_cache / v_cache ([slots, kv_heads, head_dim], float32 or float16); returns [seqs, heads * head_dim]."""
+    """Query rows (q [rows, heads, head_dim], float32) each against its own paged context (block_tables [rows,
+    max_blocks], context_lens [rows]), read in place from k_cache / v_cache ([slots, kv_heads, head_dim], float32 or
+    float16); returns [rows, heads * head_dim]."""
     lib = _required_library()
     q = q.contiguous()
     seqs, heads, head_dim = q.shape
     max_context = block_tables.shape[1] * block_size
-    scores = _scratch.get("scores", seqs * heads * max_context, torch.float32)
+    scores = _scratch.get("scores", lib.attention_scratch_floats(heads, max_context), torch.float32)
     out = torch.empty(seqs, heads * head_dim, dtype=torch.float32)
-    status = lib.paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+    status = lib.paged_attention_by_row(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                                         block_tables.shape[1], context_lens.data_ptr(), seqs, heads,
                                         k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
                                         out.data_ptr(), _half(k_cache, v_cache))
     if status != 0:
-        raise ValueError(f"paged_decode_attention: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
+        raise ValueError(f"paged_attention_by_row: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
                          "is not supported (head size must be a multiple of 8)")
     return out
 
 
-def llama_decode_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def llama_layer_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Every Llama decoder layer (`layers`, one LlamaLayerSpec each) for one new token per sequence; x ([seqs,
-    hidden] float32, contiguous) is the residual stream, updated in place and returned. k_cache / v_cache:
-    [layers, slots, kv_heads, head_dim], float32 or float16, contiguous."""
+    """Every Llama decoder layer (`layers`, one LlamaLayerSpec each) for a step's token rows; x ([rows, hidden]
+    float32, contiguous) is the residual stream, updated in place and returned. block_tables / context_lens: by row
+    (AttentionMetadata.row_block_tables). k_cache / v_cache: [layers, slots, kv_heads, head_dim], float32 or
+    float16, contiguous."""
     lib = _required_library()
     rows, max_blocks = x.shape[0], block_tables.shape[1]
-    scratch_bytes = lib.llama_decode_scratch_bytes(layers, len(layers), rows, max_blocks * block_size)
+    scratch_bytes = lib.llama_stack_scratch_bytes(layers, len(layers), rows, max_blocks * block_size)
     scratch = _scratch.get("layers", scratch_bytes, torch.uint8)
-    status = lib.llama_decode_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+    status = lib.llama_layer_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
                                     k_cache.data_ptr(), v_cache.data_ptr(), _half(k_cache, v_cache), k_cache[0].numel(),
                                     slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
                                     context_lens.data_ptr(), block_size, scratch.data_ptr())
     if status != 0:
-        raise ValueError("llama_decode_stack: a product or the attention refused its shapes")
+        raise ValueError("llama_layer_stack: a product or the attention refused its shapes")
     return x

@@ -1,18 +1,19 @@
-/* Decode attention straight from the paged KV cache, float32 queries and outputs, x86 AVX2 + FMA + F16C.
+/* Attention straight from the paged KV cache, float32 queries and outputs, x86 AVX2 + FMA + F16C.
  *
- * Each sequence has one query token. torch would first gather every sequence's blocks into a padded
- * [seqs, context, kv_heads, head_dim] copy and permute it for a batched matmul; here each work item (a sequence,
- * or one kv head of it when there are few sequences) walks its block table and reads K and V rows in place, once
- * for all the query heads that share them (GQA).
+ * Each query row attends to its own context: a decode token to its sequence's cache, a prefill token to the cache
+ * up to its own position (this step's K/V are stored before any row attends, so causality is the row's context
+ * length). torch would first gather every sequence's blocks into a padded [seqs, context, kv_heads, head_dim] copy
+ * and mask padded queries; here each work item (a row, or one kv head of it when there are few rows) walks its
+ * block table and reads K and V rows in place, once for all the query heads that share them (GQA).
  * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
- * At a few dozen sequences the step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
+ * At a few dozen sequences a decode step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
  * halves those bytes; its values are widened to float32 as they are loaded.
  *
- * q, out: [S, H, D].  k_cache, v_cache: [slots, KVH, D] float32, or float16 when kv_half, slot = block *
- * block_size + offset.
- * block_tables: [S, max_blocks].  context_lens: [S] tokens each query attends to (itself included).
- * scores: scratch [S, H, max_context].
+ * q, out: [S, H, D] (S query rows).  k_cache, v_cache: [slots, KVH, D] float32, or float16 when kv_half, slot =
+ * block * block_size + offset.
+ * block_tables: [S, max_blocks] each row's sequence's table.  context_lens: [S] tokens each row attends to (itself
+ * included).  scores: scratch, attention_scratch_floats(H, max_context).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -148,21 +149,25 @@ static void attend_half(const float *q, const void *k_cache, const void *v_cache
     attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 1);
 }
 
+/* Scores scratch: one [H, max_context] row of scores per thread. */
+int64_t attention_scratch_floats(int64_t H, int64_t max_context) { return omp_get_max_threads() * H * max_context; }
+
 /* Returns 0, or -1 when head_dim is not a multiple of 8 or the heads do not group evenly. */
-int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
                            float *out, int kv_half) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
-    /* Enough sequences to keep every thread busy: one work item each, reading whole K/V rows. Fewer: one item
-     * per (sequence, kv head), so that a single stream still uses every core. */
+    /* Enough rows to keep every thread busy: one work item each, reading whole K/V rows. Fewer: one item per
+     * (row, kv head), so that a single stream still uses every core. */
     const int64_t per_item = S >= 2 * omp_get_max_threads() ? KVH : 1, items = S * (KVH / per_item);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; i++) {
         const int64_t s = i / (KVH / per_item), kvh = i % (KVH / per_item) * per_item;
         (kv_half ? attend_half : attend_float)(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                                                context_lens[s], kvh, per_item, KVH, H / KVH, D, block_size, scale,
-                                               scores + s * H * max_context, max_context, out + s * H * D);
+                                               scores + omp_get_thread_num() * H * max_context, max_context,
+                                               out + s * H * D);
     }
     return 0;
 }

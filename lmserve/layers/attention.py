@@ -2,8 +2,9 @@
 
 A step may mix prefills, chunked prefills after a cached prefix, and decodes. The runner describes the step once in
 `AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched call, so the
-Python work per layer does not grow with the number of sequences. Pure-decode steps in float32 on the CPU use
-lmserve's C kernel, which reads K/V in place from the blocks; other steps gather the blocks and call torch. The
+Python work per layer does not grow with the number of sequences. In float32 on the CPU lmserve's C kernel reads
+K/V in place from the blocks, one query row at a time (a prefill token attends up to its own position); other
+steps gather the blocks and call torch. The
 cache may hold K/V in a narrower dtype than the activations (float16 under float32: half the bytes a decode step
 reads); values are rounded as they are stored and widened as they are read.
 """
@@ -16,7 +17,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from lmserve.kernels.native import NATIVE_KV_DTYPES, kernels_available, paged_decode_attention
+from lmserve.kernels.native import NATIVE_KV_DTYPES, kernels_available, paged_attention_by_row
 
 
 @dataclass
@@ -68,12 +69,26 @@ class AttentionMetadata:
                    max(query_lens), block_size)
 
     @cached_property
+    def seq_of_token(self) -> torch.Tensor:
+        """[tokens] the sequence each new token belongs to."""
+        q_lens = self.query_lens
+        return torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+
+    @cached_property
+    def row_block_tables(self) -> torch.Tensor:
+        """[tokens, max_blocks] each token's sequence's block table (lmserve's C attention reads by row)."""
+        return self.block_tables if self.max_query_len == 1 else self.block_tables[self.seq_of_token]
+
+    @cached_property
+    def row_context_lens(self) -> torch.Tensor:
+        """[tokens] what each token attends to: its sequence up to itself (causal within this step's tokens too)."""
+        return self.context_lens if self.max_query_len == 1 else self.positions + 1
+
+    @cached_property
     def query_index(self) -> torch.Tensor:
         """[tokens] row of each token in the padded [seqs * max_query] layout (torch's attention path only)."""
-        q_lens = self.query_lens
-        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
-        offset_in_query = self.positions - (self.context_lens - q_lens)[seq_of_token]
-        return seq_of_token * self.max_query_len + offset_in_query
+        offset_in_query = self.positions - (self.context_lens - self.query_lens)[self.seq_of_token]
+        return self.seq_of_token * self.max_query_len + offset_in_query
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -93,9 +108,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Store this step's k/v ([tokens, kv_heads, head_dim]) and attend; returns [tokens, heads * head_dim]."""
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-    if meta.max_query_len == 1 and _native_decode_applies(q, k_cache):
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size,
-                                      scale)
+    if _native_attention_applies(q, k_cache):
+        return paged_attention_by_row(q, k_cache, v_cache, meta.row_block_tables, meta.row_context_lens,
+                                      meta.block_size, scale)
     keys, values = _gather_context(k_cache, meta).to(q.dtype), _gather_context(v_cache, meta).to(q.dtype)
     if meta.max_query_len == 1:
         return _decode_attention(q, keys, values, meta.mask, scale)
@@ -112,7 +127,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out if tokens == num_seqs * max_q else out[meta.query_index]
 
 
-def _native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def _native_attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """lmserve's C kernel reads the cache in place: float32 queries on the CPU, a float32 or float16 cache, head size
     a multiple of 8."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 8 == 0

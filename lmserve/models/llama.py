@@ -10,7 +10,7 @@ from torch import nn
 
 from lmserve.config import ModelConfig
 from lmserve.layers.attention import AttentionMetadata, KVCache
-from lmserve.layers.fused_decode import fused_decode_applies, fused_llama_decode, llama_stack_spec
+from lmserve.layers.fused_layers import fused_layers_apply, fused_llama_layers, llama_stack_spec
 from lmserve.layers.linear import Linear
 from lmserve.layers.norms import RMSNorm
 from lmserve.layers.self_attention import SelfAttention
@@ -58,10 +58,10 @@ class LlamaForCausalLM(DecoderLM):
         self.fused_stack: ctypes.Array | None = None  # set once the linears hold native weights (blocks or tiles)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        if self.fused_stack is None or not fused_decode_applies(input_ids, meta, self.layers[0], kv_cache):
+        if self.fused_stack is None or not fused_layers_apply(input_ids, self.layers[0], kv_cache):
             return super().forward(input_ids, meta, kv_cache)
         x = self.embed_tokens(input_ids)
-        return self.norm(fused_llama_decode(self.fused_stack, x, self.rotary(meta.positions, x.dtype), meta, kv_cache))
+        return self.norm(fused_llama_layers(self.fused_stack, x, self.rotary(meta.positions, x.dtype), meta, kv_cache))
 
     def attach_quantized(self, blocks: Tensors) -> None:
         super().attach_quantized(blocks)

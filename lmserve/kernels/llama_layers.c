@@ -1,16 +1,19 @@
-/* The Llama-family decoder layers of a decode step (one new token per sequence), float32, in a single call.
+/* The Llama-family decoder layers of a step, float32, in a single call: M token rows, each a decode token or a
+ * prefill token (attention takes each row's own block table and context length).
  *
  * At one to a few dozen tokens a step, a layer's arithmetic takes less time than dispatching its ~25 torch ops
  * one by one. This runs the whole layer -- RMSNorm, q/k/v product, rotary, KV store, paged attention, output
  * product, residual, RMSNorm, gate/up product, SiLU * up, down product, residual -- from C, on the GGUF blocks
- * or the bf16 tiles, with the same arithmetic as lmserve's torch path (up to the order of float sums).
+ * or the bf16 tiles, with the same arithmetic as lmserve's torch path (up to the order of float sums). At a
+ * prefill's thousands of rows, the elementwise ops run vectorized in one pass each instead of torch's several.
  *
  * The whole stack goes in one call too: between layers, Python glue (module calls, views of the cache, argument
  * marshalling) costs more than a layer's arithmetic at batch 1.
  *
  * x: [M, hidden], the residual stream, updated in place. cos, sin: [M, rotary_dim] (rotate-half convention).
+ * block_tables: [M, max_blocks], context_lens: [M], by row (paged_attention.c).
  * k_cache, v_cache: [layers, slots, kv_heads, head_dim], float32 or (kv_half) float16.
- * scratch: llama_decode_scratch_bytes() bytes.
+ * scratch: llama_stack_scratch_bytes() bytes.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -24,10 +27,11 @@ int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t 
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
                 int64_t y_stride, uint16_t *xb, int kernel);
 int64_t bf16_scratch_values(int64_t M, int64_t K);
-int paged_decode_attention(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
+int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
                            float *out, int kv_half);
+int64_t attention_scratch_floats(int64_t H, int64_t max_context);
 
 /* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
  * up to max_block_rows rows, the tiles the rest. */
@@ -53,12 +57,12 @@ static int64_t layer_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_c
     const int64_t qkv = (L->heads + 2 * L->kv_heads) * L->head_dim, q = L->heads * L->head_dim;
     const int64_t widest_input = max3(L->hidden, q, L->intermediate);
     const int64_t floats = M * (L->hidden + qkv + 2 * q + 2 * L->intermediate + L->intermediate + L->hidden)
-                           + M * L->heads * max_context + 2 * M * (widest_input / 32);
+                           + attention_scratch_floats(L->heads, max_context) + 2 * M * (widest_input / 32);
     return 4 * floats + 2 * bf16_scratch_values(M, widest_input);
 }
 
-/* Scratch for llama_decode_stack: what the widest of the layers needs. */
-int64_t llama_decode_scratch_bytes(const LlamaLayer *layers, int64_t num_layers, int64_t M, int64_t max_context) {
+/* Scratch for llama_layer_stack: what the widest of the layers needs. */
+int64_t llama_stack_scratch_bytes(const LlamaLayer *layers, int64_t num_layers, int64_t M, int64_t max_context) {
     int64_t bytes = 0;
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t layer = layer_scratch_bytes(&layers[l], M, max_context);
@@ -146,7 +150,7 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 }
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
-static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
+static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
                        void *k_cache, void *v_cache, int kv_half, const int64_t *slot_mapping, const int64_t *block_tables,
                        int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
@@ -155,7 +159,7 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
     float *h = (float *)scratch, *qkv = h + M * hidden, *q = qkv + M * qkv_width, *attn = q + M * q_width;
     float *gate_up = attn + M * q_width, *act = gate_up + 2 * M * inter, *delta = act + M * inter;
     float *scores = delta + M * hidden;
-    QuantScratch qs = {.xscale = scores + M * H * max_context};
+    QuantScratch qs = {.xscale = scores + attention_scratch_floats(H, max_context)};
     qs.xsum = qs.xscale + M * (widest_input / 32);
     qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
 
@@ -171,7 +175,7 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
         store_kv(k_cache, slot * KVH * D, row + q_width, KVH * D, kv_half);
         store_kv(v_cache, slot * KVH * D, row + q_width + KVH * D, KVH * D, kv_half);
     }
-    if (paged_decode_attention(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
+    if (paged_attention_by_row(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
                                L->scale, scores, max_context, attn, kv_half))
         return -1;
     if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_kernel)) return -1;
@@ -186,12 +190,12 @@ static int llama_decode_layer(const LlamaLayer *L, float *x, int64_t M, const fl
 }
 
 /* Layers [0, num_layers) in turn; layer l's cache starts layer_stride values after layer l - 1's. */
-int llama_decode_stack(const LlamaLayer *layers, int64_t num_layers, float *x, int64_t M, const float *cos,
+int llama_layer_stack(const LlamaLayer *layers, int64_t num_layers, float *x, int64_t M, const float *cos,
                        const float *sin, char *k_cache, char *v_cache, int kv_half, int64_t layer_stride,
                        const int64_t *slot_mapping, const int64_t *block_tables, int64_t max_blocks,
                        const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     for (int64_t l = 0; l < num_layers; l++)
-        if (llama_decode_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride * (kv_half ? 2 : 4),
+        if (llama_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride * (kv_half ? 2 : 4),
                                v_cache + l * layer_stride * (kv_half ? 2 : 4), kv_half,
                                slot_mapping, block_tables, max_blocks, context_lens, block_size, scratch))
             return -1;

@@ -1,9 +1,10 @@
-"""Whole-stack decode in one C call, for Llama models whose every layer's four linears hold GGUF blocks or bf16
+"""The whole layer stack in one C call, for Llama models whose every layer's four linears hold GGUF blocks or bf16
 tiles.
 
 A decode step at batch 1 spends more time dispatching a layer's ~25 small torch ops, and the Python between
-layers, than computing them; the C stack (kernels/llama_decode_layer.c) does the same arithmetic in one call.
-Prefill, bf16 activations, and models with a linear lacking native weights keep the torch path.
+layers, than computing them; at a prefill's thousands of rows torch's elementwise ops each take a pass over
+memory. The C stack (kernels/llama_layers.c) does the same arithmetic in one call, for decode, prefill and mixed
+steps alike. bf16 activations, and models with a linear lacking native weights keep the torch path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lmserve.kernels.native import (
     NativeLinearSpec,
     best_bf16_kernel,
     kernels_available,
-    llama_decode_stack,
+    llama_layer_stack,
 )
 from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.linear import Linear
@@ -61,17 +62,14 @@ def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
     return None if not specs or None in specs else (LlamaLayerSpec * len(specs))(*specs)
 
 
-def fused_decode_applies(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock, kv_cache: KVCache) -> bool:
-    """A decode step whose products `block`'s (any layer's) linears run with lmserve's kernels, on a cache they
-    read."""
-    return (meta.max_query_len == 1 and block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous()
-            and kv_cache.k.dtype in NATIVE_KV_DTYPES)
+def fused_layers_apply(x: torch.Tensor, block: LlamaBlock, kv_cache: KVCache) -> bool:
+    """A step whose products `block`'s (any layer's) linears run with lmserve's kernels, on a cache they read."""
+    return block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous() and kv_cache.k.dtype in NATIVE_KV_DTYPES
 
 
-def fused_llama_decode(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+def fused_llama_layers(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                        meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-    """The last layer's output for a decode step; x (the embeddings, owned by the forward pass) is updated in
-    place."""
+    """The last layer's output; x (the embeddings, owned by the forward pass) is updated in place."""
     cos, sin = (t.contiguous() for t in rotary)
-    return llama_decode_stack(stack, x, cos, sin, kv_cache.k, kv_cache.v, meta.slot_mapping, meta.block_tables,
-                              meta.context_lens, meta.block_size)
+    return llama_layer_stack(stack, x, cos, sin, kv_cache.k, kv_cache.v, meta.slot_mapping, meta.row_block_tables,
+                             meta.row_context_lens, meta.block_size)
