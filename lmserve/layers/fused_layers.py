@@ -62,9 +62,10 @@ def llama_stack_spec(blocks: list[LlamaBlock]) -> ctypes.Array | None:
     return None if not specs or None in specs else (LlamaLayerSpec * len(specs))(*specs)
 
 
-def fused_layers_apply(x: torch.Tensor, block: LlamaBlock, kv_cache: KVCache) -> bool:
+def fused_layers_apply(x: torch.Tensor, meta: AttentionMetadata, block: LlamaBlock, kv_cache: KVCache) -> bool:
     """A step whose products `block`'s (any layer's) linears run with lmserve's kernels, on a cache they read."""
-    return block.mlp.down_proj.runs_natively(x.shape[0]) and x.is_contiguous() and kv_cache.k.dtype in NATIVE_KV_DTYPES
+    return (block.mlp.down_proj.runs_natively(x.shape[0], decode=meta.max_query_len == 1) and x.is_contiguous()
+            and kv_cache.k.dtype in NATIVE_KV_DTYPES)
 
 
 def fused_llama_layers(stack: ctypes.Array, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],

@@ -56,9 +56,13 @@ class Linear(nn.Linear):
     def float_weight_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
 
-    def runs_natively(self, rows: int) -> bool:
-        """Whether a decode step of `rows` sequences should run this layer in the C stack (on tiles or blocks)."""
-        return self.bf16_tiles is not None or (self.quantized is not None and rows <= MAX_FUSED_DECODE_ROWS)
+    def runs_natively(self, rows: int, decode: bool = True) -> bool:
+        """Whether a step of `rows` token rows should run this layer in the C stack: on tiles at any size; on the
+        blocks for decode steps up to MAX_FUSED_DECODE_ROWS sequences, and for other steps only where the torch
+        path multiplies by the blocks too (a prefill keeps the float weights' exact products)."""
+        if self.bf16_tiles is not None:
+            return True
+        return self.quantized is not None and rows <= (MAX_FUSED_DECODE_ROWS if decode else self.max_quantized_rows)
 
     def store_weight_in(self, dtype: torch.dtype) -> None:
         """Keep the float weight in `dtype`; bf16 goes into lmserve's tiles where the CPU and the shape allow."""

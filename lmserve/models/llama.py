@@ -58,7 +58,7 @@ class LlamaForCausalLM(DecoderLM):
         self.fused_stack: ctypes.Array | None = None  # set once the linears hold native weights (blocks or tiles)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        if self.fused_stack is None or not fused_layers_apply(input_ids, self.layers[0], kv_cache):
+        if self.fused_stack is None or not fused_layers_apply(input_ids, meta, self.layers[0], kv_cache):
             return super().forward(input_ids, meta, kv_cache)
         x = self.embed_tokens(input_ids)
         return self.norm(fused_llama_layers(self.fused_stack, x, self.rotary(meta.positions, x.dtype), meta, kv_cache))
