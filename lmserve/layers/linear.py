@@ -5,8 +5,9 @@ integer dot products) win by 3-6x over a float32 product. Prefill and large batc
 arithmetic, where the float weight and torch's GEMM are faster, so both forms are kept. The float weight may be
 bf16 under float32 activations (where the CPU has native bf16: its GEMMs are twice float32's); the product then
 runs in bf16 and its result comes back as float32. A bf16 weight is kept in lmserve's own tiles instead
-(kernels/bf16_matmul.c: with AVX512-BF16 about twice torch's bf16 GEMM at 8-64 rows, with float32 sums and outputs;
-with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks from 2 rows on (with AVX2 only, they
+(kernels/bf16_matmul.c: with AMX 2-7x torch's bf16 GEMM at 2-128 rows, with AVX512-BF16 about twice it at 8-64
+rows, with float32 sums and outputs; with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks
+from 2 rows on (with AVX2 only, they
 are about even with the blocks from 4 rows).
 """
 
@@ -24,7 +25,8 @@ from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, qu
 # shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
 # ~1.2x at 32 and lost at 64; against bf16 (AVX512-BF16 EPYC) they are about even at 8 rows and 2-3x slower at 32;
 # against lmserve's bf16 tiles they win at one row only (the model's weights are read from memory once per step:
-# 4.5 bits a weight against 16).
+# 4.5 bits a weight against 16), both with AVX512-BF16 (EPYC) and with AMX (Xeon: gate/up at one row 0.041 ms on
+# the blocks, 0.047-0.055 on the tiles; at 2 rows the AMX tiles lead, 0.055 against 0.063).
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
 MAX_QUANTIZED_ROWS_OVER_TILES = 1
 # Sequences up to which a decode step runs in the C stack on the blocks, whatever the row limit above: the whole
