@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-dtype", default="bfloat16")
     p.add_argument("--hf-dtype", default="bfloat16")
     p.add_argument("--llamacpp-weights", default="q4_1", help="q4_1 and/or f16, comma-separated")
+    p.add_argument("--llamacpp-args", default="",
+                   help="extra llama-server options (e.g. --no-repack where its AMX path crashes)")
     p.add_argument("--setup", action="store_true", help="set up the selected anchors, then stop")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--force", action="store_true", help="redo runs whose results exist")

@@ -137,14 +137,15 @@ def _server(label: str, args: Any, anchors: Anchors, smoke: bool) -> ServerSpec:
     slots = 8 if smoke else 64
     gguf = anchors.gguf_q4_1 if label.endswith("q4_1") else anchors.gguf_f16
     return ServerSpec(label, [str(anchors.llama_server), "-m", str(gguf), *host, "-np", str(slots), "-c",
-                              str(slots * SLOT_CTX), "-cb", "--no-cache-prompt", "-cram", "0", "-t", "2"], port)
+                              str(slots * SLOT_CTX), "-cb", "--no-cache-prompt", "-cram", "0", "-t", "2",
+                              *shlex.split(args.llamacpp_args)], port)
 
 
 def lmserve_weights(model: str, lm_args: list[str]) -> str:
     """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
     import torch
 
-    from lmserve.kernels.native import kernels_available
+    from lmserve.kernels.native import best_bf16_kernel, kernels_available
     from lmserve.layers.linear import MAX_FUSED_DECODE_ROWS, MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
     from lmserve.loader import resolve_dtype
     from lmserve.platform import has_fast_bf16
@@ -156,10 +157,12 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
+    kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
-        return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, bf16 tiles above"
+        tiles = f"bf16 tiles ({best_bf16_kernel().name})"
+        return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, {tiles} above; KV {kv}"
     return (f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.float32]} rows (decode steps: "
-            f"{MAX_FUSED_DECODE_ROWS} sequences)")
+            f"{MAX_FUSED_DECODE_ROWS} sequences); KV {kv}")
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:
