@@ -48,11 +48,14 @@ void amx_end(void) { _tile_release(); }
 static inline __attribute__((always_inline)) void micro_tile(const uint16_t *xb, int64_t K, const uint16_t *w,
                                                              int64_t tile, const int two_x, const int cols, int rows,
                                                              const float *bias, float *y, int64_t y_stride) {
+    static const float zeros[16];
     float out[32][32] __attribute__((aligned(64)));
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    /* Sums start from the bias: a tile load with stride 0 repeats one 64-byte row in all 16. */
+    const float *b0 = bias ? bias : zeros, *b1 = bias && cols == 2 ? bias + 16 : zeros;
+    _tile_loadd(0, b0, 0);
+    _tile_loadd(1, b1, 0);
+    _tile_loadd(2, b0, 0);
+    _tile_loadd(3, b1, 0);
     for (int64_t k = 0; k < K; k += 32) {
         _tile_loadd(4, xb + k, K * 2);
         _tile_loadd(6, w + k * 16, 64);
@@ -67,17 +70,18 @@ static inline __attribute__((always_inline)) void micro_tile(const uint16_t *xb,
             if (cols == 2) _tile_dpbf16ps(3, 5, 7);
         }
     }
-    _tile_stored(0, &out[0][0], 128);
-    if (cols == 2) _tile_stored(1, &out[0][16], 128);
+    /* Whole tiles go straight to y; a last, partial block of rows through `out`. */
+    const int whole = rows == (two_x ? 32 : 16);
+    float *dst = whole ? y : &out[0][0];
+    const int64_t stride = whole ? y_stride : 32;
+    _tile_stored(0, dst, stride * 4);
+    if (cols == 2) _tile_stored(1, dst + 16, stride * 4);
     if (two_x) {
-        _tile_stored(2, &out[16][0], 128);
-        if (cols == 2) _tile_stored(3, &out[16][16], 128);
+        _tile_stored(2, dst + 16 * stride, stride * 4);
+        if (cols == 2) _tile_stored(3, dst + 16 * stride + 16, stride * 4);
     }
-    for (int c = 0; c < cols; c++) {
-        const __m512 b = bias ? _mm512_loadu_ps(bias + c * 16) : _mm512_setzero_ps();
-        for (int r = 0; r < rows; r++)
-            _mm512_storeu_ps(y + r * y_stride + c * 16, _mm512_add_ps(_mm512_load_ps(&out[r][c * 16]), b));
-    }
+    for (int r = 0; !whole && r < rows; r++)
+        for (int c = 0; c < cols; c++) _mm512_storeu_ps(y + r * y_stride + c * 16, _mm512_load_ps(&out[r][c * 16]));
 }
 
 void amx_tile(const uint16_t *xb, int64_t K, const uint16_t *w, int64_t tile, int rows, int cols, const float *bias,
