@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #define ROW_BLOCK 64 /* rows per work item */
+#define ROW_CHUNK 256 /* rows of x kept in cache while every column group passes (a multiple of ROW_BLOCK) */
 #define AMX_ROWS 32  /* rows per AMX micro-tile (bf16_amx.c) */
 #define AMX_MIN_ROWS 2 /* one row: vdpbf16ps is as fast, and the tiles would be 15/16 padding */
 enum { BF16_AVX2, BF16_AVX512, BF16_AMX };
@@ -169,7 +170,14 @@ int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t
         if (amx) amx_begin();
 #pragma omp for schedule(guided)
         for (int64_t item = 0; item < groups * row_blocks; item++) {
-            const int64_t group = item / row_blocks, first_row = item % row_blocks * ROW_BLOCK;
+            /* Items run chunk by chunk of rows (each chunk through every column group), so a chunk of x stays in
+             * L2 while the weights stream past, rather than all of x streaming past each column group. */
+            const int64_t chunk_blocks = ROW_CHUNK / ROW_BLOCK, chunk = item / (groups * chunk_blocks);
+            const int64_t in_chunk = item % (groups * chunk_blocks);
+            const int64_t blocks_here = row_blocks - chunk * chunk_blocks < chunk_blocks
+                                        ? row_blocks - chunk * chunk_blocks : chunk_blocks;
+            const int64_t group = in_chunk / blocks_here;
+            const int64_t first_row = (chunk * chunk_blocks + in_chunk % blocks_here) * ROW_BLOCK;
             const int64_t last_row = first_row + ROW_BLOCK < M ? first_row + ROW_BLOCK : M;
             const int cols = tiles - group * per_group < per_group ? (int)(tiles - group * per_group) : per_group;
             const uint16_t *wg = w + group * per_group * pairs * 32;
