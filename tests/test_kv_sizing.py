@@ -63,3 +63,11 @@ def test_kv_cache_dtype_on_the_command_line():
     assert "kv_cache_dtype" not in engine_options(parser.parse_args([]))  # the engine's default stays
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache-dtype", "int4"])
+
+
+def test_step_token_budget_defaults_by_device_and_can_be_set():
+    assert EngineConfig().max_num_batched_tokens == engine_config.CPU_BATCHED_TOKENS == 1024
+    assert EngineConfig(device="cuda").max_num_batched_tokens == 2048
+    assert EngineConfig(max_num_batched_tokens=4096).max_num_batched_tokens == 4096
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 1"):
+        EngineConfig(max_num_batched_tokens=0)
