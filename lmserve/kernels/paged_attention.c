@@ -92,27 +92,45 @@ static inline __attribute__((always_inline)) void scores(const float *qh, const 
     }
 }
 
-/* out[0, D) = sum over tokens of p[t] * V row t, 64 dims at a time summed in registers. */
+/* out[0, 8 * chunks) = inv_sum * sum over tokens of p[t] * V row t (dims from the row's element d on); `chunks`
+ * (1..8) is a constant after inlining, so the sums stay in registers rather than on the stack. */
+static inline __attribute__((always_inline)) void value_chunks(const float *p, const char *cache, const int64_t *table,
+                                                               int64_t n, int64_t block_bytes, int64_t row_bytes,
+                                                               int64_t block_size, int64_t d, float inv_sum,
+                                                               float *out, const int chunks, const int half) {
+    __m256 o[8];
+    for (int i = 0; i < chunks; i++) o[i] = _mm256_setzero_ps();
+    for (int64_t b = 0, t = 0; t < n; b++) {
+        const char *block = cache + table[b] * block_bytes;
+        const int64_t rows = block_size < n - t ? block_size : n - t;
+        for (int64_t j = 0; j < rows; j++) {
+            const __m256 pj = _mm256_set1_ps(p[t + j]);
+            for (int i = 0; i < chunks; i++)
+                o[i] = _mm256_fmadd_ps(pj, load_kv(block + j * row_bytes, d + 8 * i, half), o[i]);
+        }
+        t += rows;
+    }
+    for (int i = 0; i < chunks; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(o[i], _mm256_set1_ps(inv_sum)));
+}
+
+/* out[0, D) = inv_sum * sum over tokens of p[t] * V row t, 64 dims at a time. */
 static inline __attribute__((always_inline)) void weighted_values(const float *p, const char *cache,
                                                                   const int64_t *table, int64_t n, int64_t block_bytes,
                                                                   int64_t row_bytes, int64_t block_size, int64_t D,
                                                                   float inv_sum, float *out, const int half) {
     for (int64_t d = 0; d < D; d += 64) {
-        const int64_t chunks = (D - d < 64 ? D - d : 64) / 8;
-        __m256 o[8];
-        for (int64_t i = 0; i < chunks; i++) o[i] = _mm256_setzero_ps();
-        for (int64_t b = 0, t = 0; t < n; b++) {
-            const char *block = cache + table[b] * block_bytes;
-            const int64_t rows = block_size < n - t ? block_size : n - t;
-            for (int64_t j = 0; j < rows; j++) {
-                const __m256 pj = _mm256_set1_ps(p[t + j]);
-                for (int64_t i = 0; i < chunks; i++)
-                    o[i] = _mm256_fmadd_ps(pj, load_kv(block + j * row_bytes, d + 8 * i, half), o[i]);
-            }
-            t += rows;
+#define CHUNKS(c) value_chunks(p, cache, table, n, block_bytes, row_bytes, block_size, d, inv_sum, out + d, c, half)
+        switch ((D - d < 64 ? D - d : 64) / 8) {
+        case 1: CHUNKS(1); break;
+        case 2: CHUNKS(2); break;
+        case 3: CHUNKS(3); break;
+        case 4: CHUNKS(4); break;
+        case 5: CHUNKS(5); break;
+        case 6: CHUNKS(6); break;
+        case 7: CHUNKS(7); break;
+        default: CHUNKS(8); break;
         }
-        for (int64_t i = 0; i < chunks; i++)
-            _mm256_storeu_ps(out + d + 8 * i, _mm256_mul_ps(o[i], _mm256_set1_ps(inv_sum)));
+#undef CHUNKS
     }
 }
 
