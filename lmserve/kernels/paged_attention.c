@@ -36,12 +36,16 @@ static inline float dot(const float *a, const void *b, int64_t n, const int half
 
 /* Exponentiates scores[0..n) minus their max, in place, and returns their sum (the caller normalizes once). */
 static float softmax_unnormalized(float *scores, int64_t n) {
-    float max = scores[0];
-    for (int64_t t = 1; t < n; t++) max = scores[t] > max ? scores[t] : max;
+    __m256 running = _mm256_set1_ps(scores[0]);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) running = _mm256_max_ps(running, _mm256_loadu_ps(scores + t));
+    float lanes[8], max = scores[0];
+    _mm256_storeu_ps(lanes, running);
+    for (int i = 0; i < 8; i++) max = lanes[i] > max ? lanes[i] : max;
+    for (; t < n; t++) max = scores[t] > max ? scores[t] : max;
     const __m256 m = _mm256_set1_ps(max);
     __m256 total = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
+    for (t = 0; t + 8 <= n; t += 8) {
         const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
         _mm256_storeu_ps(scores + t, e);
         total = _mm256_add_ps(total, e);
