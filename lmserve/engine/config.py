@@ -11,9 +11,10 @@ from lmserve.kernels.native import kernels_available
 from lmserve.platform import GiB, available_memory
 
 QUANTIZATION_CHOICES = ("auto", "none")
-# A step's token budget on the CPU: prefill steps of 1024 tokens ran faster per token than 2048 (their activations
-# stay in cache: 3650 against 3200 tok/s), and 32 concurrent 128-token prompts got their first token sooner (mean
-# TTFT 773 against 1171 ms) at a higher throughput (739 against 672 tok/s; Xeon with AMX, side_by_side.py W2).
+# A step's token budget on the CPU: prefill steps of 1024 tokens run faster per token than 2048 (their activations
+# stay in cache), so against 2048 both offline throughput (W1: 869 / 904 against 822 / 852 tok/s) and serving (W2:
+# mean TTFT 773 against 1171 ms, 739 against 672 tok/s) gained (Xeon with AMX, benchmarks/side_by_side.py with
+# --lmserve-args "--max-num-batched-tokens N"). 512 gave W2 a slightly lower TTFT (741 ms) but less throughput (697).
 CPU_BATCHED_TOKENS = 1024
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given

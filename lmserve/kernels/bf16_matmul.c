@@ -6,7 +6,7 @@
  * GEMM reaches about 40% of that at 32 rows and rounds its output to bf16; this keeps ~3/4 of the peak from 8 rows
  * on, with float32 outputs (x is rounded to bf16 once per product, to nearest even). With AVX2 only, the weights
  * are widened to float32 in registers (a shift or a mask per 8 values) and multiplied by x in float32. With AMX,
- * products of 8 rows or more go to the tile unit (bf16_amx.c), on the same packed weights.
+ * products of 2 rows or more go to the tile unit (bf16_amx.c), on the same packed weights.
  *
  * W comes packed (native.pack_bf16): tiles of 16 output columns, each [K / 2][16][2] -- for every pair of inputs,
  * the two weights of each of the 16 columns side by side, so one 64-byte load feeds a dot product of 16 columns

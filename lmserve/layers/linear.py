@@ -5,7 +5,7 @@ integer dot products) win by 3-6x over a float32 product. Prefill and large batc
 arithmetic, where the float weight and torch's GEMM are faster, so both forms are kept. The float weight may be
 bf16 under float32 activations (where the CPU has native bf16: its GEMMs are twice float32's); the product then
 runs in bf16 and its result comes back as float32. A bf16 weight is kept in lmserve's own tiles instead
-(kernels/bf16_matmul.c: with AMX 2-7x torch's bf16 GEMM at 2-128 rows, with AVX512-BF16 about twice it at 8-64
+(kernels/bf16_matmul.c: with AMX 1.5-4x torch's bf16 GEMM at 2-128 rows, with AVX512-BF16 about twice it at 8-64
 rows, with float32 sums and outputs; with AVX2 only, far ahead of torch's emulated bf16), which beat the blocks
 from 2 rows on (with AVX2 only, they
 are about even with the blocks from 4 rows).
