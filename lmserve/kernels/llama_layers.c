@@ -71,6 +71,8 @@ int64_t llama_stack_scratch_bytes(const LlamaLayer *layers, int64_t num_layers, 
     return bytes;
 }
 
+#define LAYER_ROWS 256 /* token rows per pass through a layer */
+
 /* Rows are shared out between threads from this many on: below, a parallel region costs more than it saves. */
 #define PARALLEL_ROWS 4
 
@@ -194,10 +196,19 @@ int llama_layer_stack(const LlamaLayer *layers, int64_t num_layers, float *x, in
                        const float *sin, char *k_cache, char *v_cache, int kv_half, int64_t layer_stride,
                        const int64_t *slot_mapping, const int64_t *block_tables, int64_t max_blocks,
                        const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
-    for (int64_t l = 0; l < num_layers; l++)
-        if (llama_layer(&layers[l], x, M, cos, sin, k_cache + l * layer_stride * (kv_half ? 2 : 4),
-                               v_cache + l * layer_stride * (kv_half ? 2 : 4), kv_half,
-                               slot_mapping, block_tables, max_blocks, context_lens, block_size, scratch))
-            return -1;
+    const int64_t value_bytes = kv_half ? 2 : 4;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const LlamaLayer *L = &layers[l];
+        /* A few hundred rows at a time, so a prefill's activations stay in cache from one op to the next rather than
+         * each op passing over memory. Rows go in order, so a row's earlier tokens are in the cache when it attends. */
+        for (int64_t m = 0; m < M; m += LAYER_ROWS) {
+            const int64_t rows = M - m < LAYER_ROWS ? M - m : LAYER_ROWS;
+            if (llama_layer(L, x + m * L->hidden, rows, cos + m * L->rotary_dim, sin + m * L->rotary_dim,
+                            k_cache + l * layer_stride * value_bytes, v_cache + l * layer_stride * value_bytes,
+                            kv_half, slot_mapping + m, block_tables + m * max_blocks, max_blocks, context_lens + m,
+                            block_size, scratch))
+                return -1;
+        }
+    }
     return 0;
 }
