@@ -152,8 +152,8 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 }
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
-static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin,
-                       void *k_cache, void *v_cache, int kv_half, const int64_t *slot_mapping, const int64_t *block_tables,
+static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin, void *k_cache,
+                       void *v_cache, int kv_half, const int64_t *slot_mapping, const int64_t *block_tables,
                        int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
     const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
     const int64_t qkv_width = (H + 2 * KVH) * D, q_width = H * D, max_context = max_blocks * block_size;

@@ -208,7 +208,8 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     out_features = packed.shape[0] * 16
     out = torch.empty(rows, out_features, dtype=torch.float32)
     kernel = best_bf16_kernel() if kernel is None else kernel
-    x_bf16 = _scratch.get("x_bf16", lib.bf16_scratch_values(rows, in_features), torch.int16).data_ptr()
+    x_bf16 = None if kernel == Bf16Kernel.AVX2 else _scratch.get(  # x in bf16 (the AVX2 kernel reads float32)
+        "x_bf16", lib.bf16_scratch_values(rows, in_features), torch.int16).data_ptr()
     status = lib.bf16_matmul(x.data_ptr(), rows, in_features, packed.data_ptr(), out_features,
                              None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, x_bf16,
                              int(kernel))
@@ -233,12 +234,12 @@ def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     float16); returns [rows, heads * head_dim]."""
     lib = _required_library()
     q = q.contiguous()
-    seqs, heads, head_dim = q.shape
+    rows, heads, head_dim = q.shape
     max_context = block_tables.shape[1] * block_size
     scores = _scratch.get("scores", lib.attention_scratch_floats(heads, max_context), torch.float32)
-    out = torch.empty(seqs, heads * head_dim, dtype=torch.float32)
+    out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
     status = lib.paged_attention_by_row(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                                        block_tables.shape[1], context_lens.data_ptr(), seqs, heads,
+                                        block_tables.shape[1], context_lens.data_ptr(), rows, heads,
                                         k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
                                         out.data_ptr(), _half(k_cache, v_cache))
     if status != 0:
@@ -248,8 +249,8 @@ def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def llama_layer_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """Every Llama decoder layer (`layers`, one LlamaLayerSpec each) for a step's token rows; x ([rows, hidden]
     float32, contiguous) is the residual stream, updated in place and returned. block_tables / context_lens: by row
     (AttentionMetadata.row_block_tables). k_cache / v_cache: [layers, slots, kv_heads, head_dim], float32 or
@@ -259,9 +260,9 @@ def llama_layer_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, 
     scratch_bytes = lib.llama_stack_scratch_bytes(layers, len(layers), rows, max_blocks * block_size)
     scratch = _scratch.get("layers", scratch_bytes, torch.uint8)
     status = lib.llama_layer_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
-                                    k_cache.data_ptr(), v_cache.data_ptr(), _half(k_cache, v_cache), k_cache[0].numel(),
-                                    slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
-                                    context_lens.data_ptr(), block_size, scratch.data_ptr())
+                                   k_cache.data_ptr(), v_cache.data_ptr(), _half(k_cache, v_cache), k_cache[0].numel(),
+                                   slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
+                                   context_lens.data_ptr(), block_size, scratch.data_ptr())
     if status != 0:
         raise ValueError("llama_layer_stack: a product or the attention refused its shapes")
     return x

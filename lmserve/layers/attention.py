@@ -4,9 +4,9 @@ A step may mix prefills, chunked prefills after a cached prefix, and decodes. Th
 `AttentionMetadata`; every layer then writes its new K/V into the cache and attends with one batched call, so the
 Python work per layer does not grow with the number of sequences. In float32 on the CPU lmserve's C kernel reads
 K/V in place from the blocks, one query row at a time (a prefill token attends up to its own position); other
-steps gather the blocks and call torch. The
-cache may hold K/V in a narrower dtype than the activations (float16 under float32: half the bytes a decode step
-reads); values are rounded as they are stored and widened as they are read.
+steps gather the blocks and call torch. The cache may hold K/V in a narrower dtype than the activations (float16
+under float32: half the bytes a decode step reads); values are rounded as they are stored and widened as they are
+read.
 """
 
 from __future__ import annotations
