@@ -14,6 +14,7 @@ from tiny_models import ALL_CONFIGS, make_tiny_model
 
 import lmserve.models.llama as llama
 from lmserve.engine.config import EngineConfig
+from lmserve.kernels import native
 from lmserve.kernels.native import (
     BLOCK_BYTES,
     kernels_available,
@@ -194,3 +195,23 @@ def test_fused_decode_stack_takes_batches_past_the_blocks_row_limit(tmp_path, mo
         model.fused_stack = None
         expected = model(ids, step, cache)
     assert ((fused - expected).norm() / expected.norm()).item() < 1e-3
+
+
+@needs_kernels
+def test_fused_stack_times_each_op_only_when_asked(tmp_path):
+    """benchmarks/step_profile.py's breakdown of the C stack: every op of a prefill gets wall time, and none is
+    taken once the timing block is left."""
+    make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
+    model, c = (lm := load_model(str(tmp_path / "tiny.gguf"), dtype="float32")).model, lm.config
+    cache = KVCache.allocate(c.num_layers, 4, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    meta = AttentionMetadata.build([9], [9], [[0, 1, 2]], 4)
+    with torch.inference_mode():
+        with native.timed_layer_ops() as op_seconds:
+            model(torch.arange(9) + 3, meta, cache)
+            first = op_seconds.clone()
+            model(torch.arange(9) + 3, meta, cache)
+        assert first.shape == (len(native.LAYER_OPS),) and (first > 0).all() and (op_seconds > first).all()
+        total = op_seconds.clone()
+        model(torch.arange(9) + 3, meta, cache)
+    assert torch.equal(op_seconds, total)

@@ -14,9 +14,11 @@
  * block_tables: [M, max_blocks], context_lens: [M], by row (paged_attention.c).
  * k_cache, v_cache: [layers, slots, kv_heads, head_dim], float32 or (kv_half) float16.
  * scratch: llama_stack_scratch_bytes() bytes.
+ * op_seconds: NULL, or LAYER_OPS doubles to which each op's wall time is added (benchmarks/step_profile.py).
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -152,9 +154,23 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 }
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
+/* The ops op_seconds times, in this order. */
+enum { OP_NORMS, OP_QKV, OP_ROTARY_STORE, OP_ATTENTION, OP_O, OP_RESIDUALS, OP_GATE_UP, OP_SILU_MUL, OP_DOWN, LAYER_OPS };
+
+int llama_layer_ops(void) { return LAYER_OPS; }
+
+/* Adds the time since *since to op_seconds[op] (when timing) and restarts the clock. */
+static void lap(double *op_seconds, int op, double *since) {
+    if (!op_seconds) return;
+    const double now = omp_get_wtime();
+    op_seconds[op] += now - *since;
+    *since = now;
+}
+
 static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *cos, const float *sin, void *k_cache,
                        void *v_cache, int kv_half, const int64_t *slot_mapping, const int64_t *block_tables,
-                       int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
+                       int64_t max_blocks, const int64_t *context_lens, int64_t block_size, uint8_t *scratch,
+                       double *op_seconds) {
     const int64_t H = L->heads, KVH = L->kv_heads, D = L->head_dim, hidden = L->hidden, inter = L->intermediate;
     const int64_t qkv_width = (H + 2 * KVH) * D, q_width = H * D, max_context = max_blocks * block_size;
     const int64_t widest_input = max3(hidden, q_width, inter);
@@ -165,8 +181,11 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
     qs.xsum = qs.xscale + M * (widest_input / 32);
     qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
 
+    double since = op_seconds ? omp_get_wtime() : 0;
     rms_norm(x, L->input_norm, M, hidden, L->eps, h);
+    lap(op_seconds, OP_NORMS, &since);
     if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs, L->bf16_kernel)) return -1;
+    lap(op_seconds, OP_QKV, &since);
 #pragma omp parallel for if (M >= PARALLEL_ROWS)
     for (int64_t m = 0; m < M; m++) {
         float *row = qkv + m * qkv_width;
@@ -177,17 +196,26 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
         store_kv(k_cache, slot * KVH * D, row + q_width, KVH * D, kv_half);
         store_kv(v_cache, slot * KVH * D, row + q_width + KVH * D, KVH * D, kv_half);
     }
+    lap(op_seconds, OP_ROTARY_STORE, &since);
     if (paged_attention_by_row(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
                                L->scale, scores, max_context, attn, kv_half))
         return -1;
+    lap(op_seconds, OP_ATTENTION, &since);
     if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_kernel)) return -1;
+    lap(op_seconds, OP_O, &since);
     add_into(x, delta, M * hidden);
+    lap(op_seconds, OP_RESIDUALS, &since);
 
     rms_norm(x, L->post_attention_norm, M, hidden, L->eps, h);
+    lap(op_seconds, OP_NORMS, &since);
     if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs, L->bf16_kernel)) return -1;
+    lap(op_seconds, OP_GATE_UP, &since);
     silu_mul(gate_up, M, inter, act);
+    lap(op_seconds, OP_SILU_MUL, &since);
     if (linear(&L->down, act, M, inter, hidden, delta, &qs, L->bf16_kernel)) return -1;
+    lap(op_seconds, OP_DOWN, &since);
     add_into(x, delta, M * hidden);
+    lap(op_seconds, OP_RESIDUALS, &since);
     return 0;
 }
 
@@ -195,7 +223,7 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
 int llama_layer_stack(const LlamaLayer *layers, int64_t num_layers, float *x, int64_t M, const float *cos,
                        const float *sin, char *k_cache, char *v_cache, int kv_half, int64_t layer_stride,
                        const int64_t *slot_mapping, const int64_t *block_tables, int64_t max_blocks,
-                       const int64_t *context_lens, int64_t block_size, uint8_t *scratch) {
+                       const int64_t *context_lens, int64_t block_size, uint8_t *scratch, double *op_seconds) {
     const int64_t value_bytes = kv_half ? 2 : 4;
     for (int64_t l = 0; l < num_layers; l++) {
         const LlamaLayer *L = &layers[l];
@@ -206,7 +234,7 @@ int llama_layer_stack(const LlamaLayer *layers, int64_t num_layers, float *x, in
             if (llama_layer(L, x + m * L->hidden, rows, cos + m * L->rotary_dim, sin + m * L->rotary_dim,
                             k_cache + l * layer_stride * value_bytes, v_cache + l * layer_stride * value_bytes,
                             kv_half, slot_mapping + m, block_tables + m * max_blocks, max_blocks, context_lens + m,
-                            block_size, scratch))
+                            block_size, scratch, op_seconds))
                 return -1;
         }
     }

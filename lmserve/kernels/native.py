@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -82,8 +84,9 @@ def _library() -> ctypes.CDLL | None:
     lib.llama_stack_scratch_bytes.argtypes = [layer, size, size, size]
     lib.llama_stack_scratch_bytes.restype = size
     lib.llama_layer_stack.argtypes = [layer, size, pointer, size, pointer, pointer, pointer, pointer, ctypes.c_int,
-                                       size, pointer, pointer, size, pointer, size, pointer]
+                                       size, pointer, pointer, size, pointer, size, pointer, pointer]
     lib.llama_layer_stack.restype = ctypes.c_int
+    lib.llama_layer_ops.restype = ctypes.c_int
     return lib
 
 
@@ -220,6 +223,24 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
 
 NATIVE_KV_DTYPES = (torch.float32, torch.float16)
 
+LAYER_OPS = ("norms", "qkv", "rotary + KV store", "attention", "o", "residual adds", "gate_up", "silu * up", "down")
+"""The ops of llama_layers.c's layer, as it times them."""
+
+
+@contextmanager
+def timed_layer_ops() -> Iterator[torch.Tensor]:
+    """Within the block, llama_layer_stack adds each op's wall seconds (LAYER_OPS order) to the yielded tensor."""
+    global _op_seconds
+    assert _required_library().llama_layer_ops() == len(LAYER_OPS)
+    _op_seconds = torch.zeros(len(LAYER_OPS), dtype=torch.float64)
+    try:
+        yield _op_seconds
+    finally:
+        _op_seconds = None
+
+
+_op_seconds: torch.Tensor | None = None
+
 
 def _half(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     if k_cache.dtype not in NATIVE_KV_DTYPES or v_cache.dtype != k_cache.dtype:
@@ -262,7 +283,8 @@ def llama_layer_stack(layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, 
     status = lib.llama_layer_stack(layers, len(layers), x.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
                                    k_cache.data_ptr(), v_cache.data_ptr(), _half(k_cache, v_cache), k_cache[0].numel(),
                                    slot_mapping.data_ptr(), block_tables.data_ptr(), max_blocks,
-                                   context_lens.data_ptr(), block_size, scratch.data_ptr())
+                                   context_lens.data_ptr(), block_size, scratch.data_ptr(),
+                                   None if _op_seconds is None else _op_seconds.data_ptr())
     if status != 0:
         raise ValueError("llama_layer_stack: a product or the attention refused its shapes")
     return x
