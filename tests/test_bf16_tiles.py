@@ -13,6 +13,7 @@ from tiny_models import ALL_CONFIGS, make_tiny_model
 import lmserve.models.llama as llama
 from lmserve.kernels.native import (
     Bf16Kernel,
+    Epilogue,
     best_bf16_kernel,
     bf16_matmul,
     has_bf16_dot_product,
@@ -40,6 +41,32 @@ def test_tiles_product_matches_float_product_of_the_bf16_weight(kernel, rows, ou
     for b in (None, bias):
         got = bf16_matmul(x, pack_bf16(weight), b, kernel=kernel)
         torch.testing.assert_close(got, F.linear(x_seen, rounded, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 9, 17, 40, 70, 200])  # 200: each thread its own rows (AMX)
+@pytest.mark.parametrize(("out_features", "in_features"), [(32, 64), (96, 576), (64, 1536)])
+def test_tiles_add_into_a_residual_and_fuse_silu_times_up(kernel, rows, out_features, in_features):
+    """The C stack's epilogues: ACCUMULATE adds the product into `out` (o and down into the residual stream), and
+    SILU_MUL returns silu(first half) * second half of the columns (the MLP's gate/up), on the kernels that have
+    them; the AVX2 kernel refuses SILU_MUL."""
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
+    x_seen = x.to(torch.bfloat16).float() if kernel != Bf16Kernel.AVX2 else x
+    product = F.linear(x_seen, weight.to(torch.bfloat16).float())
+    packed = pack_bf16(weight)
+    for b in (None, bias):
+        residual = torch.randn(rows, out_features, generator=gen)
+        got = bf16_matmul(x, packed, b, kernel=kernel, epilogue=Epilogue.ACCUMULATE, out=residual.clone())
+        torch.testing.assert_close(got, residual + product + (0 if b is None else b), rtol=1e-4, atol=1e-4)
+    if kernel == Bf16Kernel.AVX2:
+        with pytest.raises(ValueError, match="SILU_MUL on AVX2"):
+            bf16_matmul(x, packed, kernel=kernel, epilogue=Epilogue.SILU_MUL)
+        return
+    gate, up = product.chunk(2, dim=-1)
+    got = bf16_matmul(x, packed, kernel=kernel, epilogue=Epilogue.SILU_MUL)
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=1e-4, atol=1e-5)
 
 
 def test_tiles_product_refuses_shapes_it_cannot_tile():

@@ -17,6 +17,8 @@ from lmserve.engine.config import EngineConfig
 from lmserve.kernels import native
 from lmserve.kernels.native import (
     BLOCK_BYTES,
+    Bf16Kernel,
+    best_bf16_kernel,
     kernels_available,
     pack_blocks,
     paged_attention_by_row,
@@ -120,6 +122,36 @@ def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head
     expected = _decode_attention(q, keys, values, meta.mask, scale)
     got = paged_attention_by_row(q, k_cache, v_cache, meta.block_tables, meta.context_lens, block_size, scale)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not kernels_available() or best_bf16_kernel() != Bf16Kernel.AMX, reason="needs AMX")
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 80), (2, 1, 128), (6, 2, 16)])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_prefill_attention_on_tiles_matches_attention_of_the_bf16_rounded_inputs(heads, kv_heads, head_dim,
+                                                                                 block_size):
+    """A step's runs of prefill rows go to AMX tiles (attention_amx.c) in bf16, beside a decode row and a run too
+    short for them: each row attends causally to its own sequence, as the float kernel has it, to bf16 rounding."""
+    gen = torch.Generator().manual_seed(heads * head_dim + block_size)
+    query_lens, context_lens = [37, 1, 20, 5], [37, 20, 70, 5]  # a prompt, a decode, a chunk after 50 cached, 5 rows
+    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in context_lens]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
+    k_cache, v_cache = (torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen).half() for _ in "kv")
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=gen) * 2
+    scale = head_dim**-0.5
+
+    def attend(kernel, q, k_cache, v_cache):
+        return paged_attention_by_row(q, k_cache, v_cache, meta.row_block_tables, meta.row_context_lens, block_size,
+                                      scale, kernel=kernel)
+
+    tiles = attend(Bf16Kernel.AMX, q, k_cache, v_cache)
+    rounded = attend(Bf16Kernel.AVX2, *(t.to(torch.bfloat16).to(t.dtype) for t in (q, k_cache, v_cache)))
+    exact = attend(Bf16Kernel.AVX2, q, k_cache, v_cache)
+    runs, others = [*range(37), *range(38, 58)], [37, *range(58, 63)]  # the decode row, the short run: float kernel
+    torch.testing.assert_close(tiles[runs], rounded[runs], rtol=1e-2, atol=1e-2)  # probabilities in bf16 too
+    assert not torch.equal(tiles[runs], exact[runs])
+    assert torch.equal(tiles[others], exact[others])
 
 
 @needs_kernels

@@ -15,6 +15,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "bf16_kernels.h"
+#include "simd.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-bf16")
 
@@ -42,20 +45,29 @@ void amx_begin(void) { _tile_loadconfig(&all_tiles_16x64); }
 
 void amx_end(void) { _tile_release(); }
 
-/* rows (1..32) x (cols * 16) outputs, cols 1 or 2, over all of K (a multiple of 32); `two_x` (rows > 16) and `cols`
- * are constants after inlining. xb: bf16 rows at stride K, 32 of them readable. w: the first column tile; the next
- * starts `tile` values on. */
+/* rows (1..32) x (cols * 16) outputs, cols 1 or 2, over all of K (a multiple of 32); `two_x` (rows > 16), `cols`
+ * and `epilogue` (bf16_kernels.h; SILU_MUL pairs the two column tiles) are constants after inlining. xb: bf16 rows
+ * at stride K, 32 of them readable. w: the first column tile; the second starts `tile` values on. */
 static inline __attribute__((always_inline)) void micro_tile(const uint16_t *xb, int64_t K, const uint16_t *w,
                                                              int64_t tile, const int two_x, const int cols, int rows,
-                                                             const float *bias, float *y, int64_t y_stride) {
+                                                             const float *bias, float *y, int64_t y_stride,
+                                                             const int epilogue) {
     static const float zeros[16];
     float out[32][32] __attribute__((aligned(64)));
-    /* Sums start from the bias: a tile load with stride 0 repeats one 64-byte row in all 16. */
-    const float *b0 = bias ? bias : zeros, *b1 = bias && cols == 2 ? bias + 16 : zeros;
-    _tile_loadd(0, b0, 0);
-    _tile_loadd(1, b1, 0);
-    _tile_loadd(2, b0, 0);
-    _tile_loadd(3, b1, 0);
+    /* Whole tiles go straight to y (and, accumulating, start from it); the rest through `out`. */
+    const int whole = rows == (two_x ? 32 : 16) && epilogue != SILU_MUL && !(epilogue == ACCUMULATE && bias);
+    if (whole && epilogue == ACCUMULATE) {
+        _tile_loadd(0, y, y_stride * 4);
+        if (cols == 2) _tile_loadd(1, y + 16, y_stride * 4);
+        if (two_x) _tile_loadd(2, y + 16 * y_stride, y_stride * 4);
+        if (two_x && cols == 2) _tile_loadd(3, y + 16 * y_stride + 16, y_stride * 4);
+    } else { /* sums start from the bias: a tile load with stride 0 repeats one 64-byte row in all 16 */
+        const float *b0 = bias ? bias : zeros, *b1 = bias && cols == 2 ? bias + 16 : zeros;
+        _tile_loadd(0, b0, 0);
+        _tile_loadd(1, b1, 0);
+        _tile_loadd(2, b0, 0);
+        _tile_loadd(3, b1, 0);
+    }
     for (int64_t k = 0; k < K; k += 32) {
         _tile_loadd(4, xb + k, K * 2);
         _tile_loadd(6, w + k * 16, 64);
@@ -70,8 +82,6 @@ static inline __attribute__((always_inline)) void micro_tile(const uint16_t *xb,
             if (cols == 2) _tile_dpbf16ps(3, 5, 7);
         }
     }
-    /* Whole tiles go straight to y; a last, partial block of rows through `out`. */
-    const int whole = rows == (two_x ? 32 : 16);
     float *dst = whole ? y : &out[0][0];
     const int64_t stride = whole ? y_stride : 32;
     _tile_stored(0, dst, stride * 4);
@@ -80,18 +90,40 @@ static inline __attribute__((always_inline)) void micro_tile(const uint16_t *xb,
         _tile_stored(2, dst + 16 * stride, stride * 4);
         if (cols == 2) _tile_stored(3, dst + 16 * stride + 16, stride * 4);
     }
-    for (int r = 0; !whole && r < rows; r++)
-        for (int c = 0; c < cols; c++) _mm512_storeu_ps(y + r * y_stride + c * 16, _mm512_load_ps(&out[r][c * 16]));
+    for (int r = 0; !whole && r < rows; r++) {
+        float *row = y + r * y_stride;
+        if (epilogue == SILU_MUL) {
+            _mm512_storeu_ps(row, silu_mul16(_mm512_load_ps(&out[r][0]), _mm512_load_ps(&out[r][16])));
+            continue;
+        }
+        for (int c = 0; c < cols; c++) {
+            const __m512 sums = _mm512_load_ps(&out[r][c * 16]);
+            _mm512_storeu_ps(row + c * 16, epilogue == ACCUMULATE ? _mm512_add_ps(sums, _mm512_loadu_ps(row + c * 16))
+                                                                  : sums);
+        }
+    }
 }
 
+#define MICRO_TILE(two_x, cols, epilogue) micro_tile(xb, K, w, tile, two_x, cols, rows, bias, y, y_stride, epilogue)
+#define MICRO_TILE_COLS(two_x, epilogue)                                                                             \
+    do {                                                                                                             \
+        if (cols == 2) MICRO_TILE(two_x, 2, epilogue);                                                               \
+        else MICRO_TILE(two_x, 1, epilogue);                                                                         \
+    } while (0)
+
+/* SILU_MUL: cols is 2 (a gate tile and its up tile) and y is 16 wide. */
 void amx_tile(const uint16_t *xb, int64_t K, const uint16_t *w, int64_t tile, int rows, int cols, const float *bias,
-              float *y, int64_t y_stride) {
-    if (rows > 16) {
-        if (cols == 2) micro_tile(xb, K, w, tile, 1, 2, rows, bias, y, y_stride);
-        else micro_tile(xb, K, w, tile, 1, 1, rows, bias, y, y_stride);
+              float *y, int64_t y_stride, int epilogue) {
+    const int two_x = rows > 16;
+    if (epilogue == SILU_MUL) {
+        if (two_x) MICRO_TILE(1, 2, SILU_MUL);
+        else MICRO_TILE(0, 2, SILU_MUL);
+    } else if (epilogue == ACCUMULATE) {
+        if (two_x) MICRO_TILE_COLS(1, ACCUMULATE);
+        else MICRO_TILE_COLS(0, ACCUMULATE);
     } else {
-        if (cols == 2) micro_tile(xb, K, w, tile, 0, 2, rows, bias, y, y_stride);
-        else micro_tile(xb, K, w, tile, 0, 1, rows, bias, y, y_stride);
+        if (two_x) MICRO_TILE_COLS(1, STORE);
+        else MICRO_TILE_COLS(0, STORE);
     }
 }
 

@@ -20,18 +20,22 @@
  * The AVX-512 part is compiled for AVX512-BF16 whatever the library's flags: callers check the CPU (native.py).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
+
+#include "bf16_kernels.h"
+#include "simd.h"
 
 #define ROW_BLOCK 64 /* rows per work item */
 #define ROW_CHUNK 256 /* rows of x kept in cache while every column group passes (a multiple of ROW_BLOCK) */
 #define AMX_ROWS 32  /* rows per AMX micro-tile (bf16_amx.c) */
 #define AMX_MIN_ROWS 2 /* one row: vdpbf16ps is as fast, and the tiles would be 15/16 padding */
-enum { BF16_AVX2, BF16_AVX512, BF16_AMX };
+#define AMX_ROW_SPLIT 128 /* rows from which each thread takes its own rows rather than its own columns */
 
 void amx_begin(void);
 void amx_end(void);
 void amx_tile(const uint16_t *xb, int64_t K, const uint16_t *w, int64_t tile, int rows, int cols, const float *bias,
-              float *y, int64_t y_stride);
+              float *y, int64_t y_stride, int epilogue);
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------------------ */
 
@@ -42,7 +46,7 @@ void amx_tile(const uint16_t *xb, int64_t K, const uint16_t *w, int64_t tile, in
  * cycle), so x's pair is broadcast once for both halves of the tile. */
 static inline __attribute__((always_inline)) void micro_tile_avx2(const float *x, int64_t K, const uint16_t *w,
                                                                   const int rows, const float *bias, float *y,
-                                                                  int64_t y_stride) {
+                                                                  int64_t y_stride, int accumulate) {
     const __m256i high_half = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 acc[MR_AVX2][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -63,17 +67,21 @@ static inline __attribute__((always_inline)) void micro_tile_avx2(const float *x
     }
     for (int c = 0; c < 2; c++) {
         const __m256 b = bias ? _mm256_loadu_ps(bias + c * 8) : _mm256_setzero_ps();
-        for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * y_stride + c * 8, _mm256_add_ps(acc[r][c], b));
+        for (int r = 0; r < rows; r++) {
+            float *out = y + r * y_stride + c * 8;
+            const __m256 sums = _mm256_add_ps(acc[r][c], b);
+            _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(sums, _mm256_loadu_ps(out)) : sums);
+        }
     }
 }
 
 static void tile_avx2(const float *x, int64_t K, const uint16_t *w, int rows, const float *bias, float *y,
-                      int64_t y_stride) {
+                      int64_t y_stride, int accumulate) {
     switch (rows) {
-    case 1: micro_tile_avx2(x, K, w, 1, bias, y, y_stride); break;
-    case 2: micro_tile_avx2(x, K, w, 2, bias, y, y_stride); break;
-    case 3: micro_tile_avx2(x, K, w, 3, bias, y, y_stride); break;
-    default: micro_tile_avx2(x, K, w, 4, bias, y, y_stride); break;
+    case 1: micro_tile_avx2(x, K, w, 1, bias, y, y_stride, accumulate); break;
+    case 2: micro_tile_avx2(x, K, w, 2, bias, y, y_stride, accumulate); break;
+    case 3: micro_tile_avx2(x, K, w, 3, bias, y, y_stride, accumulate); break;
+    default: micro_tile_avx2(x, K, w, 4, bias, y, y_stride, accumulate); break;
     }
 }
 
@@ -100,11 +108,12 @@ static void convert_rows_avx512(const float *x, int64_t n, uint16_t *out) {
     for (; i < n; i++) out[i] = to_bf16(x[i]);
 }
 
-/* rows x (cols * 16) outputs over all of K; `rows` and `cols` are constants after inlining. */
+/* rows x (cols * 16) outputs over all of K; `rows` and `cols` are constants after inlining. Column tile c starts
+ * c * tile values into w. SILU_MUL: cols is 2 (a gate tile and its up tile), y 16 wide. */
 static inline __attribute__((always_inline)) void micro_tile(const int32_t *xpairs, int64_t pairs,
-                                                             const uint16_t *w, const int rows, const int cols,
-                                                             const float *bias, float *y, int64_t y_stride) {
-    const int64_t tile = pairs * 32; /* bf16 values per packed column tile */
+                                                             const uint16_t *w, int64_t tile, const int rows,
+                                                             const int cols, const float *bias, float *y,
+                                                             int64_t y_stride, int epilogue) {
     __m512 acc[MR][NR];
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) acc[r][c] = _mm512_setzero_ps();
@@ -116,13 +125,21 @@ static inline __attribute__((always_inline)) void micro_tile(const int32_t *xpai
             for (int c = 0; c < cols; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
         }
     }
+    if (epilogue == SILU_MUL && cols == 2) {
+        for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * y_stride, silu_mul16(acc[r][0], acc[r][1]));
+        return;
+    }
     for (int c = 0; c < cols; c++) {
         const __m512 b = bias ? _mm512_loadu_ps(bias + c * 16) : _mm512_setzero_ps();
-        for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * y_stride + c * 16, _mm512_add_ps(acc[r][c], b));
+        for (int r = 0; r < rows; r++) {
+            float *out = y + r * y_stride + c * 16;
+            const __m512 sums = _mm512_add_ps(acc[r][c], b);
+            _mm512_storeu_ps(out, epilogue == ACCUMULATE ? _mm512_add_ps(sums, _mm512_loadu_ps(out)) : sums);
+        }
     }
 }
 
-#define TILE_CASE(r, c) micro_tile(xpairs, pairs, w, r, c, bias, y, y_stride)
+#define TILE_CASE(r, c) micro_tile(xpairs, pairs, w, tile, r, c, bias, y, y_stride, epilogue)
 #define TILE_ROWS(c)                                                                                                 \
     switch (rows) {                                                                                                  \
     case 1: TILE_CASE(1, c); break;                                                                                  \
@@ -135,8 +152,8 @@ static inline __attribute__((always_inline)) void micro_tile(const int32_t *xpai
     default: TILE_CASE(8, c); break;                                                                                 \
     }
 
-static void tile_avx512(const int32_t *xpairs, int64_t pairs, const uint16_t *w, int rows, int cols, const float *bias,
-                     float *y, int64_t y_stride) {
+static void tile_avx512(const int32_t *xpairs, int64_t pairs, const uint16_t *w, int64_t tile, int rows, int cols,
+                        const float *bias, float *y, int64_t y_stride, int epilogue) {
     if (cols == 3) {
         TILE_ROWS(3)
     } else if (cols == 2) {
@@ -151,16 +168,68 @@ static void tile_avx512(const int32_t *xpairs, int64_t pairs, const uint16_t *w,
 /* Values of bf16 scratch (xb) a product of M rows of K inputs needs: AMX reads x in tiles of 32 rows. */
 int64_t bf16_scratch_values(int64_t M, int64_t K) { return (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * K; }
 
-/* Returns 0, or -1 when N is not a multiple of 16 or K is odd. kernel: BF16_AVX2, BF16_AVX512 or BF16_AMX (the
- * caller has checked the CPU, and for AMX called amx_enable). */
+/* One product's shapes and operands, and how it is cut into column groups. */
+typedef struct {
+    const float *x;
+    int64_t K, pairs, tiles, per_group, tile_stride, micro_rows;
+    const uint16_t *w, *xb;
+    const float *bias;
+    float *y;
+    int64_t y_stride;
+    int amx, dot_product, silu, epilogue;
+} Product;
+
+/* Rows [first, last) of column group `group` (with SILU_MUL, gate tile `group` and its up tile). */
+static void group_rows(const Product *p, int64_t group, int64_t first, int64_t last) {
+    const int cols = p->silu ? 2 : p->tiles - group * p->per_group < p->per_group
+                                   ? (int)(p->tiles - group * p->per_group) : (int)p->per_group;
+    const uint16_t *wg = p->w + group * p->per_group * p->pairs * 32;
+    const float *bg = p->bias ? p->bias + group * p->per_group * 16 : NULL;
+    float *yg = p->y + group * p->per_group * 16;
+    for (int64_t m = first; m < last; m += p->micro_rows) {
+        const int rows = last - m < p->micro_rows ? (int)(last - m) : (int)p->micro_rows;
+        if (p->amx)
+            amx_tile(p->xb + m * p->K, p->K, wg, p->tile_stride, rows, cols, bg, yg + m * p->y_stride, p->y_stride,
+                     p->epilogue);
+        else if (p->dot_product)
+            tile_avx512((const int32_t *)p->xb + m * p->pairs, p->pairs, wg, p->tile_stride, rows, cols, bg,
+                        yg + m * p->y_stride, p->y_stride, p->epilogue);
+        else
+            tile_avx2(p->x + m * p->K, p->K, wg, rows, bg, yg + m * p->y_stride, p->y_stride,
+                      p->epilogue == ACCUMULATE);
+    }
+}
+
+/* Returns 0, or -1 when N is not a multiple of 16 (32 for SILU_MUL) or K is odd, or SILU_MUL is asked of the AVX2
+ * kernel or with a bias. kernel: BF16_AVX2, BF16_AVX512 or BF16_AMX (the caller has checked the CPU, and for AMX
+ * called amx_enable). epilogue: STORE, ACCUMULATE or SILU_MUL (bf16_kernels.h). */
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
-                int64_t y_stride, uint16_t *xb, int kernel) {
-    if (N % 16 != 0 || K % 2 != 0) return -1;
-    const int amx = kernel == BF16_AMX && M >= AMX_MIN_ROWS && K % 32 == 0;
-    const int dot_product = kernel != BF16_AVX2;
-    const int64_t pairs = K / 2, tiles = N / 16, per_group = amx ? 2 : dot_product ? NR : 1;
+                int64_t y_stride, uint16_t *xb, int kernel, int epilogue) {
+    const int silu = epilogue == SILU_MUL;
+    if (N % (silu ? 32 : 16) != 0 || K % 2 != 0 || (silu && (kernel == BF16_AVX2 || bias))) return -1;
+    const int amx = kernel == BF16_AMX && M >= AMX_MIN_ROWS && K % 32 == 0, dot_product = kernel != BF16_AVX2;
+    /* A group of column tiles; with SILU_MUL, a gate tile (its up tile `tile_stride` on), 16 outputs wide. */
+    const int64_t pairs = K / 2, tiles = silu ? N / 32 : N / 16, per_group = silu ? 1 : amx ? 2 : dot_product ? NR : 1;
+    const Product p = {x, K, pairs, tiles, per_group, silu ? tiles * pairs * 32 : pairs * 32,
+                       amx ? AMX_ROWS : dot_product ? MR : MR_AVX2, w, xb, bias, y, y_stride, amx, dot_product, silu,
+                       epilogue};
     const int64_t groups = (tiles + per_group - 1) / per_group, row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t micro_rows = amx ? AMX_ROWS : dot_product ? MR : MR_AVX2;
+    if (amx && M >= AMX_ROW_SPLIT) {
+        /* Each thread its own rows through every column group: rows stay with the core that wrote them (the C
+         * stack's row-wise ops share rows out the same way), where splitting columns had each core read the
+         * other's half of x; each core reads all the weights, which a few hundred rows amortize. */
+#pragma omp parallel
+        {
+            const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num(), blocks = (M + 31) / 32;
+            const int64_t first = blocks * t / threads * 32, end = blocks * (t + 1) / threads * 32;
+            const int64_t last = end < M ? end : M;
+            for (int64_t m = first; m < last; m++) convert_rows_avx512(x + m * K, K, xb + m * K);
+            amx_begin();
+            for (int64_t group = 0; group < groups; group++) group_rows(&p, group, first, last);
+            amx_end();
+        }
+        return 0;
+    }
 #pragma omp parallel
     {
         if (dot_product) {
@@ -176,23 +245,8 @@ int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t
             const int64_t in_chunk = item % (groups * chunk_blocks);
             const int64_t blocks_here = row_blocks - chunk * chunk_blocks < chunk_blocks
                                         ? row_blocks - chunk * chunk_blocks : chunk_blocks;
-            const int64_t group = in_chunk / blocks_here;
             const int64_t first_row = (chunk * chunk_blocks + in_chunk % blocks_here) * ROW_BLOCK;
-            const int64_t last_row = first_row + ROW_BLOCK < M ? first_row + ROW_BLOCK : M;
-            const int cols = tiles - group * per_group < per_group ? (int)(tiles - group * per_group) : per_group;
-            const uint16_t *wg = w + group * per_group * pairs * 32;
-            const float *bg = bias ? bias + group * per_group * 16 : NULL;
-            float *yg = y + group * per_group * 16;
-            for (int64_t m = first_row; m < last_row; m += micro_rows) {
-                const int rows = last_row - m < micro_rows ? (int)(last_row - m) : (int)micro_rows;
-                if (amx)
-                    amx_tile(xb + m * K, K, wg, pairs * 32, rows, cols, bg, yg + m * y_stride, y_stride);
-                else if (dot_product)
-                    tile_avx512((const int32_t *)xb + m * pairs, pairs, wg, rows, cols, bg, yg + m * y_stride,
-                                y_stride);
-                else
-                    tile_avx2(x + m * K, K, wg, rows, bg, yg + m * y_stride, y_stride);
-            }
+            group_rows(&p, in_chunk / blocks_here, first_row, first_row + ROW_BLOCK < M ? first_row + ROW_BLOCK : M);
         }
         if (amx) amx_end();
     }

@@ -22,18 +22,19 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16_kernels.h"
 #include "simd.h"
 
 int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y,
                  int16_t *xq, float *xscale, float *xsum);
 int bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *bias, float *y,
-                int64_t y_stride, uint16_t *xb, int kernel);
+                int64_t y_stride, uint16_t *xb, int kernel, int epilogue);
 int64_t bf16_scratch_values(int64_t M, int64_t K);
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out, int kv_half);
-int64_t attention_scratch_floats(int64_t H, int64_t max_context);
+                           float *out, int kv_half, int amx);
+int64_t attention_scratch_floats(int64_t H, int64_t D, int64_t max_context);
 
 /* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
  * up to max_block_rows rows, the tiles the rest. */
@@ -59,7 +60,7 @@ static int64_t layer_scratch_bytes(const LlamaLayer *L, int64_t M, int64_t max_c
     const int64_t qkv = (L->heads + 2 * L->kv_heads) * L->head_dim, q = L->heads * L->head_dim;
     const int64_t widest_input = max3(L->hidden, q, L->intermediate);
     const int64_t floats = M * (L->hidden + qkv + 2 * q + 2 * L->intermediate + L->intermediate + L->hidden)
-                           + attention_scratch_floats(L->heads, max_context) + 2 * M * (widest_input / 32);
+                           + attention_scratch_floats(L->heads, L->head_dim, max_context) + 2 * M * (widest_input / 32);
     return 4 * floats + 2 * bf16_scratch_values(M, widest_input);
 }
 
@@ -115,21 +116,43 @@ typedef struct {
     float *xscale, *xsum;
 } QuantScratch;
 
-static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y,
-                  const QuantScratch *s, int bf16_kernel) {
-    if (W->blocks && (M <= W->max_block_rows || !W->bf16_tiles)) {
-        if (quant_matmul(W->qtype, x, M, K, W->blocks, N, y, s->xq, s->xscale, s->xsum) != 0) return -1;
+static void add_into(float *x, const float *delta, int64_t M, int64_t n) {
+#pragma omp parallel for if (M >= PARALLEL_ROWS)
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < n; i++) x[m * n + i] += delta[m * n + i];
+}
+
+static int on_blocks(const NativeLinear *W, int64_t M) {
+    return W->blocks && (M <= W->max_block_rows || !W->bf16_tiles);
+}
+
+/* y = x W^T + bias, or (accumulate) y += x W^T + bias: the tiles add into y as they store, the blocks' product goes
+ * through `delta` first. */
+static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, int64_t N, float *y, int accumulate,
+                  float *delta, const QuantScratch *s, int bf16_kernel) {
+    if (on_blocks(W, M)) {
+        float *out = accumulate ? delta : y;
+        if (quant_matmul(W->qtype, x, M, K, W->blocks, N, out, s->xq, s->xscale, s->xsum) != 0) return -1;
         if (W->bias)
             for (int64_t m = 0; m < M; m++)
-                for (int64_t n = 0; n < N; n++) y[m * N + n] += W->bias[n];
+                for (int64_t n = 0; n < N; n++) out[m * N + n] += W->bias[n];
+        if (accumulate) add_into(y, delta, M, N);
         return 0;
     }
     if (!W->bf16_tiles) return -1;
-    return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_kernel);
+    return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_kernel,
+                       accumulate ? ACCUMULATE : STORE);
 }
 
-static void add_into(float *x, const float *delta, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] += delta[i];
+/* act = silu(h W_gate^T) * (h W_up^T): in the tiles' registers where their kernel can (bf16_kernels.h), else
+ * through the [M, 2n] gate_up buffer. */
+static int gate_up_silu(const NativeLinear *W, const float *h, int64_t M, int64_t K, int64_t n, float *gate_up,
+                        float *act, const QuantScratch *s, int bf16_kernel) {
+    if (!on_blocks(W, M) && W->bf16_tiles && bf16_kernel != BF16_AVX2 && !W->bias && n % 16 == 0)
+        return bf16_matmul(h, M, K, W->bf16_tiles, 2 * n, NULL, act, n, (uint16_t *)s->xq, bf16_kernel, SILU_MUL);
+    if (linear(W, h, M, K, 2 * n, gate_up, 0, NULL, s, bf16_kernel)) return -1;
+    silu_mul(gate_up, M, n, act);
+    return 0;
 }
 
 /* n (a multiple of 8) floats into the cache, as float32 or, rounded to nearest even like torch, float16. */
@@ -155,7 +178,7 @@ static void rotate(float *head, const float *cos, const float *sin, int64_t rota
 
 /* Returns 0, or -1 when a product or the attention refuses its shapes (nothing sensible was computed then). */
 /* The ops op_seconds times, in this order. */
-enum { OP_NORMS, OP_QKV, OP_ROTARY_STORE, OP_ATTENTION, OP_O, OP_RESIDUALS, OP_GATE_UP, OP_SILU_MUL, OP_DOWN, LAYER_OPS };
+enum { OP_NORMS, OP_QKV, OP_ROTARY_STORE, OP_ATTENTION, OP_O, OP_MLP_IN, OP_DOWN, LAYER_OPS };
 
 int llama_layer_ops(void) { return LAYER_OPS; }
 
@@ -177,14 +200,14 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
     float *h = (float *)scratch, *qkv = h + M * hidden, *q = qkv + M * qkv_width, *attn = q + M * q_width;
     float *gate_up = attn + M * q_width, *act = gate_up + 2 * M * inter, *delta = act + M * inter;
     float *scores = delta + M * hidden;
-    QuantScratch qs = {.xscale = scores + attention_scratch_floats(H, max_context)};
+    QuantScratch qs = {.xscale = scores + attention_scratch_floats(H, D, max_context)};
     qs.xsum = qs.xscale + M * (widest_input / 32);
     qs.xq = (int16_t *)(qs.xsum + M * (widest_input / 32));
 
     double since = op_seconds ? omp_get_wtime() : 0;
     rms_norm(x, L->input_norm, M, hidden, L->eps, h);
     lap(op_seconds, OP_NORMS, &since);
-    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, &qs, L->bf16_kernel)) return -1;
+    if (linear(&L->qkv, h, M, hidden, qkv_width, qkv, 0, NULL, &qs, L->bf16_kernel)) return -1;
     lap(op_seconds, OP_QKV, &since);
 #pragma omp parallel for if (M >= PARALLEL_ROWS)
     for (int64_t m = 0; m < M; m++) {
@@ -198,24 +221,18 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
     }
     lap(op_seconds, OP_ROTARY_STORE, &since);
     if (paged_attention_by_row(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
-                               L->scale, scores, max_context, attn, kv_half))
+                               L->scale, scores, max_context, attn, kv_half, L->bf16_kernel == BF16_AMX))
         return -1;
     lap(op_seconds, OP_ATTENTION, &since);
-    if (linear(&L->o, attn, M, q_width, hidden, delta, &qs, L->bf16_kernel)) return -1;
+    if (linear(&L->o, attn, M, q_width, hidden, x, 1, delta, &qs, L->bf16_kernel)) return -1; /* x += o(attn) */
     lap(op_seconds, OP_O, &since);
-    add_into(x, delta, M * hidden);
-    lap(op_seconds, OP_RESIDUALS, &since);
 
     rms_norm(x, L->post_attention_norm, M, hidden, L->eps, h);
     lap(op_seconds, OP_NORMS, &since);
-    if (linear(&L->gate_up, h, M, hidden, 2 * inter, gate_up, &qs, L->bf16_kernel)) return -1;
-    lap(op_seconds, OP_GATE_UP, &since);
-    silu_mul(gate_up, M, inter, act);
-    lap(op_seconds, OP_SILU_MUL, &since);
-    if (linear(&L->down, act, M, inter, hidden, delta, &qs, L->bf16_kernel)) return -1;
+    if (gate_up_silu(&L->gate_up, h, M, hidden, inter, gate_up, act, &qs, L->bf16_kernel)) return -1;
+    lap(op_seconds, OP_MLP_IN, &since);
+    if (linear(&L->down, act, M, inter, hidden, x, 1, delta, &qs, L->bf16_kernel)) return -1; /* x += down(act) */
     lap(op_seconds, OP_DOWN, &since);
-    add_into(x, delta, M * hidden);
-    lap(op_seconds, OP_RESIDUALS, &since);
     return 0;
 }
 

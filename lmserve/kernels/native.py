@@ -29,8 +29,9 @@ from lmserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "llama_layers.c")]
-HEADERS = [Path(__file__).with_name("simd.h")]
+           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "attention_amx.c",
+                        "llama_layers.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "bf16_kernels.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
 BLOCK_BYTES = {int(t): gguf.GGML_QUANT_SIZES[t][1] for t in KERNEL_TYPES}  # ggml type number -> bytes per block
@@ -70,15 +71,16 @@ def _library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.quant_matmul.argtypes = [ctypes.c_int, pointer, size, size, pointer, size, pointer, pointer, pointer, pointer]
     lib.quant_matmul.restype = ctypes.c_int
-    lib.bf16_matmul.argtypes = [pointer, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int]
+    lib.bf16_matmul.argtypes = [pointer, size, size, pointer, size, pointer, pointer, size, pointer, ctypes.c_int,
+                                ctypes.c_int]
     lib.bf16_matmul.restype = ctypes.c_int
     lib.bf16_scratch_values.argtypes = [size, size]
     lib.bf16_scratch_values.restype = size
     lib.amx_enable.restype = ctypes.c_int
     lib.paged_attention_by_row.argtypes = [pointer, pointer, pointer, pointer, size, pointer, size, size, size, size,
-                                           size, ctypes.c_float, pointer, size, pointer, ctypes.c_int]
+                                           size, ctypes.c_float, pointer, size, pointer, ctypes.c_int, ctypes.c_int]
     lib.paged_attention_by_row.restype = ctypes.c_int
-    lib.attention_scratch_floats.argtypes = [size, size]
+    lib.attention_scratch_floats.argtypes = [size, size, size]
     lib.attention_scratch_floats.restype = size
     layer = ctypes.POINTER(LlamaLayerSpec)
     lib.llama_stack_scratch_bytes.argtypes = [layer, size, size, size]
@@ -193,6 +195,14 @@ def best_bf16_kernel() -> Bf16Kernel:
     return Bf16Kernel.AVX512
 
 
+def _runnable(kernel: Bf16Kernel | None) -> Bf16Kernel:
+    """kernel, or by default the CPU's best; one the CPU lacks is refused (it would die of an illegal instruction)."""
+    best = best_bf16_kernel()
+    if kernel is not None and kernel > best:
+        raise ValueError(f"this CPU runs the bf16 kernels up to {best.name}, not {kernel.name}")
+    return best if kernel is None else kernel
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """A [N, K] weight (N a multiple of 16, K even) in bf16_matmul's layout: tiles of 16 output columns, each
     [K / 2][16][2], so one 64-byte load holds a pair of inputs' weights for 16 columns."""
@@ -201,29 +211,46 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 2, 1, 3).contiguous()
 
 
+class Epilogue(enum.IntEnum):
+    """What bf16_matmul does with its sums (bf16_kernels.h): store them, add them into `out` (a residual), or
+    multiply silu of the first half's columns by the second half's (a gate/up product)."""
+
+    STORE = 0
+    ACCUMULATE = 1
+    SILU_MUL = 2
+
+
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                kernel: Bf16Kernel | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ W.T (+ bias), W in pack_bf16's layout: [M, N] float32, summed in float32. With the AVX512
-    and AMX kernels x is rounded to bf16 first. kernel: by default the CPU's best."""
+                kernel: Bf16Kernel | None = None, epilogue: Epilogue = Epilogue.STORE,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 @ W.T (+ bias), W in pack_bf16's layout: [M, N] float32, summed in float32 (with SILU_MUL,
+    [M, N / 2]; with ACCUMULATE, added into `out`, which is returned). With the AVX512 and AMX kernels x is rounded
+    to bf16 first. kernel: by default the CPU's best."""
     lib = _required_library()
     x = x.contiguous()
     rows, in_features = x.shape
     out_features = packed.shape[0] * 16
-    out = torch.empty(rows, out_features, dtype=torch.float32)
-    kernel = best_bf16_kernel() if kernel is None else kernel
+    width = out_features // 2 if epilogue == Epilogue.SILU_MUL else out_features
+    if epilogue == Epilogue.ACCUMULATE:
+        if out is None or out.shape != (rows, width) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"bf16_matmul: ACCUMULATE needs `out`, a contiguous float32 [{rows}, {width}] tensor")
+    else:
+        out = torch.empty(rows, width, dtype=torch.float32)
+    kernel = _runnable(kernel)
     x_bf16 = None if kernel == Bf16Kernel.AVX2 else _scratch.get(  # x in bf16 (the AVX2 kernel reads float32)
         "x_bf16", lib.bf16_scratch_values(rows, in_features), torch.int16).data_ptr()
     status = lib.bf16_matmul(x.data_ptr(), rows, in_features, packed.data_ptr(), out_features,
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), out_features, x_bf16,
-                             int(kernel))
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), width, x_bf16, int(kernel),
+                             int(epilogue))
     if status != 0:
-        raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported")
+        raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported"
+                         + (f" with {epilogue.name} on {kernel.name}" if epilogue != Epilogue.STORE else ""))
     return out
 
 
 NATIVE_KV_DTYPES = (torch.float32, torch.float16)
 
-LAYER_OPS = ("norms", "qkv", "rotary + KV store", "attention", "o", "residual adds", "gate_up", "silu * up", "down")
+LAYER_OPS = ("norms", "qkv", "rotary + KV store", "attention", "o + residual", "gate_up + silu * up", "down + residual")
 """The ops of llama_layers.c's layer, as it times them."""
 
 
@@ -249,20 +276,24 @@ def _half(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 
 def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, block_size: int, scale: float,
+                           kernel: Bf16Kernel | None = None) -> torch.Tensor:
     """Query rows (q [rows, heads, head_dim], float32) each against its own paged context (block_tables [rows,
     max_blocks], context_lens [rows]), read in place from k_cache / v_cache ([slots, kv_heads, head_dim], float32 or
-    float16); returns [rows, heads * head_dim]."""
+    float16); returns [rows, heads * head_dim]. With kernel AMX (by default where the CPU has it), a prefill's rows
+    from a float16 cache go to the tiles in bf16 (attention_amx.c)."""
     lib = _required_library()
+    kernel = _runnable(kernel)
     q = q.contiguous()
     rows, heads, head_dim = q.shape
     max_context = block_tables.shape[1] * block_size
-    scores = _scratch.get("scores", lib.attention_scratch_floats(heads, max_context), torch.float32)
+    scores = _scratch.get("scores", lib.attention_scratch_floats(heads, head_dim, max_context), torch.float32)
     out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
     status = lib.paged_attention_by_row(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                                         block_tables.shape[1], context_lens.data_ptr(), rows, heads,
                                         k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
-                                        out.data_ptr(), _half(k_cache, v_cache))
+                                        out.data_ptr(), _half(k_cache, v_cache),
+                                        kernel == Bf16Kernel.AMX)
     if status != 0:
         raise ValueError(f"paged_attention_by_row: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
                          "is not supported (head size must be a multiple of 8)")

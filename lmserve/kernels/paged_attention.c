@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "simd.h"
 
@@ -171,25 +172,85 @@ static void attend_half(const float *q, const void *k_cache, const void *v_cache
     attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 1);
 }
 
-/* Scores scratch: one [H, max_context] row of scores per thread. */
-int64_t attention_scratch_floats(int64_t H, int64_t max_context) { return omp_get_max_threads() * H * max_context; }
+void amx_begin(void);
+void amx_end(void);
+int64_t amx_run_scratch_floats(int64_t D, int64_t max_context);
+void amx_attend_run(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                    int64_t first_context, int64_t n, int64_t kvh, int64_t KVH, int64_t group, int64_t H, int64_t D,
+                    int64_t block_size, float scale, float *scratch, float *out);
 
-/* Returns 0, or -1 when head_dim is not a multiple of 8 or the heads do not group evenly. */
+#define AMX_MIN_RUN 8 /* query rows of one sequence from which its attention goes to the tiles */
+
+/* Scratch per thread: a row's [H, max_context] scores, or a run's tiles (attention_amx.c). */
+static int64_t thread_scratch_floats(int64_t H, int64_t D, int64_t max_context) {
+    const int64_t rows = H * max_context, runs = amx_run_scratch_floats(D, max_context);
+    return rows > runs ? rows : runs;
+}
+
+int64_t attention_scratch_floats(int64_t H, int64_t D, int64_t max_context) {
+    return omp_get_max_threads() * thread_scratch_floats(H, D, max_context);
+}
+
+/* Whether row r + 1 continues row r's run: the next position of the same sequence. */
+static int continues(const int64_t *block_tables, int64_t max_blocks, const int64_t *context_lens, int64_t r,
+                     int64_t block_size) {
+    if (context_lens[r + 1] != context_lens[r] + 1) return 0;
+    const int64_t blocks = (context_lens[r + 1] + block_size - 1) / block_size;
+    const int64_t *a = block_tables + r * max_blocks, *b = a + max_blocks;
+    for (int64_t i = 0; i < blocks; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+/* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out. amx: the CPU has AMX
+ * (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more from a float16 cache then go to the tiles. */
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out, int kv_half) {
+                           float *out, int kv_half, int amx) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
+    const int64_t per_thread = thread_scratch_floats(H, D, max_context), group = H / KVH;
+    /* Runs of rows (a prefill chunk's) for the tiles; every other row goes through attend_* on its own. */
+    int64_t *rows = malloc(sizeof(int64_t) * 3 * S), *run_first = rows, *run_rows = rows + S, *single = rows + 2 * S;
+    if (!rows) return -1;
+    int64_t run_count = 0, single_count = 0;
+    const int tiles = amx && kv_half && D % 16 == 0 && D <= 128;
+    for (int64_t r = 0, end; r < S; r = end) {
+        for (end = r + 1; tiles && end < S && continues(block_tables, max_blocks, context_lens, end - 1, block_size);)
+            end++;
+        if (end - r >= AMX_MIN_RUN) {
+            run_first[run_count] = r;
+            run_rows[run_count++] = end - r;
+        } else {
+            for (int64_t i = r; i < end; i++) single[single_count++] = i;
+        }
+    }
     /* Enough rows to keep every thread busy: one work item each, reading whole K/V rows. Fewer: one item per
      * (row, kv head), so that a single stream still uses every core. */
-    const int64_t per_item = S >= 2 * omp_get_max_threads() ? KVH : 1, items = S * (KVH / per_item);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t i = 0; i < items; i++) {
-        const int64_t s = i / (KVH / per_item), kvh = i % (KVH / per_item) * per_item;
-        (kv_half ? attend_half : attend_float)(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
-                                               context_lens[s], kvh, per_item, KVH, H / KVH, D, block_size, scale,
-                                               scores + omp_get_thread_num() * H * max_context, max_context,
-                                               out + s * H * D);
+    const int64_t per_item = single_count >= 2 * omp_get_max_threads() ? KVH : 1;
+    const int64_t items = single_count * (KVH / per_item);
+#pragma omp parallel
+    {
+        float *mine = scores + omp_get_thread_num() * per_thread;
+        if (run_count) {
+            amx_begin();
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t i = 0; i < run_count * KVH; i++) {
+                const int64_t first = run_first[i / KVH], n = run_rows[i / KVH];
+                amx_attend_run(q + first * H * D, k_cache, v_cache, block_tables + first * max_blocks,
+                               context_lens[first], n, i % KVH, KVH, group, H, D, block_size, scale, mine,
+                               out + first * H * D);
+            }
+            amx_end();
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
+            const int64_t s = single[i / (KVH / per_item)], kvh = i % (KVH / per_item) * per_item;
+            (kv_half ? attend_half : attend_float)(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
+                                                   context_lens[s], kvh, per_item, KVH, group, D, block_size, scale,
+                                                   mine, max_context, out + s * H * D);
+        }
     }
+    free(rows);
     return 0;
 }

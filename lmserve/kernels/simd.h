@@ -1,4 +1,4 @@
-/* Small AVX2 helpers shared by the kernels (static inline: each file gets its own copy). */
+/* Small AVX2 (and two AVX-512) helpers shared by the kernels (static inline: each file gets its own copy). */
 #ifndef LMSERVE_SIMD_H
 #define LMSERVE_SIMD_H
 
@@ -21,6 +21,33 @@ static inline __m256 exp_nonpositive(__m256 x) {
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
     const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+/* exp_nonpositive in 16 lanes, for the AVX-512 parts (compiled for AVX-512 whatever the file's flags). */
+__attribute__((target("avx512f"))) static inline __m512 exp_nonpositive16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* silu(g) * u = g * u / (1 + e^-g), 16 lanes, with e^-|g| so that the exponential never overflows. */
+__attribute__((target("avx512f"))) static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 e = exp_nonpositive16(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(g),
+                                                                           _mm512_set1_epi32((int)0x80000000u))));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+    return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
 static inline float horizontal_sum(__m256 v) {
