@@ -74,10 +74,12 @@ int64_t llama_stack_scratch_bytes(const LlamaLayer *layers, int64_t num_layers, 
     return bytes;
 }
 
-/* Token rows per pass through a layer. Each pass reads all the layer's weights (each thread all of them, when AMX
- * products split rows between threads), and activations want to stay in cache between ops: with rows split, 1024
- * (a CPU step's whole budget) gave 1024-token prefill steps of ~147 ms against ~167 ms at 256 (Xeon, AMX). */
-#define LAYER_ROWS 1024
+/* Token rows per pass through a layer: activations stay in cache between ops, and each pass reads all the layer's
+ * weights again. 256 where products split columns between threads (2048-token prefill steps 590 -> 515 ms against
+ * whole-step passes); 1024, a CPU step's whole budget, where AMX products split rows and so each thread reads all the
+ * weights (1024-token prefill steps ~167 -> ~147 ms against 256). Xeon with AMX, 2 cores. */
+#define LAYER_ROWS 256
+#define LAYER_ROWS_AMX 1024
 
 /* Rows are shared out between threads from this many on: below, a parallel region costs more than it saves. */
 #define PARALLEL_ROWS 4
@@ -247,9 +249,10 @@ int llama_layer_stack(const LlamaLayer *layers, int64_t num_layers, float *x, in
     const int64_t value_bytes = kv_half ? 2 : 4;
     for (int64_t l = 0; l < num_layers; l++) {
         const LlamaLayer *L = &layers[l];
-        /* LAYER_ROWS at a time. Rows go in order, so a row's earlier tokens are in the cache when it attends. */
-        for (int64_t m = 0; m < M; m += LAYER_ROWS) {
-            const int64_t rows = M - m < LAYER_ROWS ? M - m : LAYER_ROWS;
+        /* Rows go in order, so a row's earlier tokens are in the cache when it attends. */
+        const int64_t pass = L->bf16_kernel == BF16_AMX ? LAYER_ROWS_AMX : LAYER_ROWS;
+        for (int64_t m = 0; m < M; m += pass) {
+            const int64_t rows = M - m < pass ? M - m : pass;
             if (llama_layer(L, x + m * L->hidden, rows, cos + m * L->rotary_dim, sin + m * L->rotary_dim,
                             k_cache + l * layer_stride * value_bytes, v_cache + l * layer_stride * value_bytes,
                             kv_half, slot_mapping + m, block_tables + m * max_blocks, max_blocks, context_lens + m,
