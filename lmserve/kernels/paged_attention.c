@@ -5,19 +5,15 @@
  * length). torch would first gather every sequence's blocks into a padded [seqs, context, kv_heads, head_dim] copy
  * and mask padded queries; here each work item (a row, or one kv head of it when there are few rows) walks its
  * block table and reads K and V rows in place, once for all the query heads that share them (GQA).
- * A prefill's runs of rows go to AMX tiles where the CPU has them (attention_amx.c).
+ * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
  *
  * At a few dozen sequences a decode step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
- * halves those bytes; its values are widened to float32 as they are loaded. Read in turn, an item's bytes and its
- * arithmetic took about as long each (64 sequences: ~9 ms of each per step, 22 ms together), so each thread
- * prefetches its next item while computing the current one (10% off). That needs the next item known in advance:
- * items go round-robin (handing them out one at a time, claimed ahead by an atomic counter, gave nothing back,
- * measured).
+ * halves those bytes; its values are widened to float32 as they are loaded.
  *
  * q, out: [S, H, D] (S query rows).  k_cache, v_cache: [slots, KVH, D] float32, or float16 when kv_half, slot =
  * block * block_size + offset.
  * block_tables: [S, max_blocks] each row's sequence's table.  context_lens: [S] tokens each row attends to (itself
- * included).  scores: scratch, attention_scratch_floats(H, D, max_context).
+ * included).  scores: scratch, attention_scratch_floats(H, max_context).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -143,35 +139,19 @@ static inline __attribute__((always_inline)) void weighted_values(const float *p
     }
 }
 
-/* Blocks [from, to) of a table, K and V, into L2. */
-static void prefetch_blocks(const void *k_cache, const void *v_cache, const int64_t *table, int64_t from, int64_t to,
-                            int64_t block_bytes) {
-    for (int64_t b = from; b < to; b++)
-        for (int64_t line = 0; line < block_bytes; line += 64) {
-            _mm_prefetch((const char *)k_cache + table[b] * block_bytes + line, _MM_HINT_T1);
-            _mm_prefetch((const char *)v_cache + table[b] * block_bytes + line, _MM_HINT_T1);
-        }
-}
-
 /* The query heads of kv heads [kvh, kvh + count) of one sequence (q, out: its [H, D] rows; sc: its [H, max_context]
  * scores). A head's K and V rows are read once per query head of its group: the second and third reads come from
- * cache. next_table / next_n: the thread's next item (whole rows of the cache), or NULL: its blocks are prefetched a
- * share before each head, so that its reads from memory overlap this item's arithmetic rather than follow it. */
+ * cache. */
 static inline __attribute__((always_inline)) void attend(const float *q, const void *k_cache, const void *v_cache,
                                                          const int64_t *table, int64_t n, int64_t kvh, int64_t count,
                                                          int64_t KVH, int64_t group, int64_t D, int64_t block_size,
                                                          float scale, float *sc, int64_t max_context, float *out,
-                                                         const int half, const int64_t *next_table, int64_t next_n) {
+                                                         const int half) {
     const int64_t value_bytes = half ? 2 : 4, row_bytes = KVH * D * value_bytes, block_bytes = block_size * row_bytes;
-    const int64_t passes = count * group, next_blocks = (next_n + block_size - 1) / block_size;
     for (int64_t c = 0; c < count; c++) {
         const char *k = (const char *)k_cache + (kvh + c) * D * value_bytes;
         const char *v = (const char *)v_cache + (kvh + c) * D * value_bytes;
         for (int64_t h = (kvh + c) * group; h < (kvh + c + 1) * group; h++) {
-            const int64_t pass = c * group + h - (kvh + c) * group;
-            if (next_table)
-                prefetch_blocks(k_cache, v_cache, next_table, pass * next_blocks / passes,
-                                (pass + 1) * next_blocks / passes, block_bytes);
             float *sh = sc + h * max_context;
             scores(q + h * D, k, table, n, block_bytes, row_bytes, block_size, D, scale, sh, half);
             const float inv_sum = 1.0f / softmax_unnormalized(sh, n);
@@ -182,18 +162,14 @@ static inline __attribute__((always_inline)) void attend(const float *q, const v
 
 static void attend_float(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t n,
                          int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size,
-                         float scale, float *sc, int64_t max_context, float *out, const int64_t *next_table,
-                         int64_t next_n) {
-    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 0,
-           next_table, next_n);
+                         float scale, float *sc, int64_t max_context, float *out) {
+    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 0);
 }
 
 static void attend_half(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t n,
                         int64_t kvh, int64_t count, int64_t KVH, int64_t group, int64_t D, int64_t block_size,
-                        float scale, float *sc, int64_t max_context, float *out, const int64_t *next_table,
-                        int64_t next_n) {
-    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 1,
-           next_table, next_n);
+                        float scale, float *sc, int64_t max_context, float *out) {
+    attend(q, k_cache, v_cache, table, n, kvh, count, KVH, group, D, block_size, scale, sc, max_context, out, 1);
 }
 
 void amx_begin(void);
@@ -226,9 +202,8 @@ static int continues(const int64_t *block_tables, int64_t max_blocks, const int6
     return 1;
 }
 
-/* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out.
- * amx: the CPU has AMX (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more of one sequence from a
- * float16 cache then go to the tiles. */
+/* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out. amx: the CPU has AMX
+ * (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more from a float16 cache then go to the tiles. */
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
@@ -268,16 +243,12 @@ int paged_attention_by_row(const float *q, const void *k_cache, const void *v_ca
             }
             amx_end();
         }
-        /* Round-robin (thread t: items t, t + threads, ...): each knows its next, to prefetch (attend). */
-        const int64_t threads = omp_get_num_threads();
-        for (int64_t i = omp_get_thread_num(); i < items; i += threads) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; i++) {
             const int64_t s = single[i / (KVH / per_item)], kvh = i % (KVH / per_item) * per_item;
-            const int64_t next = i + threads < items && per_item == KVH ? single[i + threads] : -1; /* whole rows */
             (kv_half ? attend_half : attend_float)(q + s * H * D, k_cache, v_cache, block_tables + s * max_blocks,
                                                    context_lens[s], kvh, per_item, KVH, group, D, block_size, scale,
-                                                   mine, max_context, out + s * H * D,
-                                                   next < 0 ? NULL : block_tables + next * max_blocks,
-                                                   next < 0 ? 0 : context_lens[next]);
+                                                   mine, max_context, out + s * H * D);
         }
     }
     free(rows);
