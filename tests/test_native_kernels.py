@@ -18,6 +18,7 @@ from lmserve.kernels import native
 from lmserve.kernels.native import (
     BLOCK_BYTES,
     Bf16Kernel,
+    argmax_rows,
     best_bf16_kernel,
     kernels_available,
     pack_blocks,
@@ -247,3 +248,18 @@ def test_fused_stack_times_each_op_only_when_asked(tmp_path):
         total = op_seconds.clone()
         model(torch.arange(9) + 3, meta, cache)
     assert torch.equal(op_seconds, total)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 7), (3, 32), (5, 100), (64, 49152)])
+def test_greedy_argmax_is_the_first_index_of_each_rows_maximum(shape):
+    gen = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=gen)
+    x[0, -1] = x[0].max() + 1  # the last column wins (past the vector part when N is not a multiple of 32)
+    if shape[0] > 2:
+        x[1] = -torch.inf
+        x[2, 1] = x[2, shape[1] - 2] = x[2].max() + 1  # a tie: the first index
+    got = argmax_rows(x)
+    assert torch.equal(got, x.max(-1).indices)
+    if shape[0] > 2:
+        assert got[1] == 0 and got[2] == 1

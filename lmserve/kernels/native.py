@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "attention_amx.c",
-                        "llama_layers.c")]
+                        "llama_layers.c", "argmax.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "bf16_kernels.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
@@ -89,6 +89,7 @@ def _library() -> ctypes.CDLL | None:
                                        size, pointer, pointer, size, pointer, size, pointer, pointer]
     lib.llama_layer_stack.restype = ctypes.c_int
     lib.llama_layer_ops.restype = ctypes.c_int
+    lib.argmax_rows.argtypes = [pointer, size, size, pointer]
     return lib
 
 
@@ -245,6 +246,17 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     if status != 0:
         raise ValueError(f"bf16_matmul: {out_features} outputs x {in_features} inputs is not supported"
                          + (f" with {epilogue.name} on {kernel.name}" if epilogue != Epilogue.STORE else ""))
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its largest value (x [M, N] float32 on the CPU): torch's x.max(-1).indices, but
+    NaN never wins."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"argmax_rows takes [rows, n] float32 CPU tensors, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _required_library().argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

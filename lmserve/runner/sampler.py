@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from lmserve.kernels.native import argmax_rows, kernels_available
 from lmserve.runner.sampling_batch import SamplingBatch
 
 
@@ -146,6 +147,14 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return _race(logits if threshold is None else logits.masked_fill(logits < threshold, -torch.inf), batch, None)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token: lmserve's kernel on CPU float32 logits (torch's max(-1) took a tenth of a
+    64-sequence decode step), torch's max elsewhere (max, not argmax: 5x faster on CPU)."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and kernels_available():
+        return argmax_rows(logits)
+    return logits.max(-1).indices
+
+
 def _logprob_tensors(raw_logits: torch.Tensor, token_ids: torch.Tensor, k: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log-prob [N], rank [N], top-k ids [N, k], top-k log-probs [N, k]) of `token_ids` under log_softmax."""
@@ -176,11 +185,11 @@ class Sampler:
                              f"{batch.num_rows} rows x {batch.vocab_size} tokens")
         processed = apply_penalties(logits, batch)
         if batch.all_greedy:
-            token_ids = processed.max(-1).indices
+            token_ids = greedy(processed)
         else:
             token_ids = _sample(processed, batch)
             if batch.greedy is not None:
-                token_ids = torch.where(batch.greedy, processed.max(-1).indices, token_ids)
+                token_ids = torch.where(batch.greedy, greedy(processed), token_ids)
         if batch.max_logprobs is None:
             return SamplerOutput(token_ids.tolist(), None, None, None)
         chosen, ranks, top_ids, top_values = _logprob_tensors(logits, token_ids, batch.max_logprobs)
