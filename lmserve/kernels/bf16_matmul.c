@@ -12,8 +12,10 @@
  * the two weights of each of the 16 columns side by side, so one 64-byte load feeds a dot product of 16 columns
  * against a broadcast pair of x. A micro-tile keeps its sums in registers over the whole of K: with AVX-512, up to
  * 8 rows x 3 column tiles (24 of the 32 vector registers; per pair of inputs, 3 weight loads and 8 broadcasts feed
- * 24 dot products); with AVX2, 4 rows x 1 tile (8 of 16 registers; more rows measured no faster). Threads take (column group, block of rows)
- * items; a thread's consecutive items share a column group, so its weights stay in cache while rows stream past.
+ * 24 dot products); with AVX2, 4 rows x 1 tile (8 of 16 registers; more rows measured no faster). Threads take
+ * (column group, block of rows) items; a thread's consecutive items share a column group, so its weights stay in
+ * cache while rows stream past. AMX products of many rows split rows between threads instead (bf16_matmul).
+ * The sums can also be added into y (a residual) or meet as silu(gate) * up (bf16_kernels.h's epilogues).
  *
  * x: float32 [M, K], rows contiguous.   w: bf16 [N / 16][K / 2][16][2].   bias: float32 [N] or NULL.
  * y: float32, row m at y + m * y_stride.   xb: scratch for x in bf16, bf16_scratch_values(M, K) (AVX-512, AMX).

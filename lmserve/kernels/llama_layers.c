@@ -90,7 +90,8 @@ static void rms_norm(const float *x, const float *weight, int64_t M, int64_t n, 
         const float *row = x + m * n;
         __m256 squares = _mm256_setzero_ps();
         int64_t i = 0;
-        for (; i + 8 <= n; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(row + i), squares);
+        for (; i + 8 <= n; i += 8)
+            squares = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(row + i), squares);
         float sum = horizontal_sum(squares);
         for (; i < n; i++) sum += row[i] * row[i];
         const float inv = 1.0f / sqrtf(sum / (float)n + eps);

@@ -5,7 +5,9 @@
  * length). torch would first gather every sequence's blocks into a padded [seqs, context, kv_heads, head_dim] copy
  * and mask padded queries; here each work item (a row, or one kv head of it when there are few rows) walks its
  * block table and reads K and V rows in place, once for all the query heads that share them (GQA).
- * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while.
+ * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while
+ * (to the server's event loop: handing them out round-robin, to prefetch each thread's next item, lost 5% of W2).
+ * A prefill's runs of rows go to AMX tiles where the CPU has them (attention_amx.c).
  *
  * At a few dozen sequences a decode step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
  * halves those bytes; its values are widened to float32 as they are loaded.
@@ -13,7 +15,7 @@
  * q, out: [S, H, D] (S query rows).  k_cache, v_cache: [slots, KVH, D] float32, or float16 when kv_half, slot =
  * block * block_size + offset.
  * block_tables: [S, max_blocks] each row's sequence's table.  context_lens: [S] tokens each row attends to (itself
- * included).  scores: scratch, attention_scratch_floats(H, max_context).
+ * included).  scores: scratch, attention_scratch_floats(H, D, max_context).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -202,8 +204,9 @@ static int continues(const int64_t *block_tables, int64_t max_blocks, const int6
     return 1;
 }
 
-/* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out. amx: the CPU has AMX
- * (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more from a float16 cache then go to the tiles. */
+/* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out.
+ * amx: the CPU has AMX (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more of one sequence from a
+ * float16 cache then go to the tiles. */
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
