@@ -23,7 +23,8 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
-/* exp_nonpositive in 16 lanes, for the AVX-512 parts (compiled for AVX-512 whatever the file's flags). */
+/* exp_nonpositive in 16 lanes, for the AVX-512 parts (compiled for AVX-512 whatever the file's flags): the same
+ * constants, kept as a second copy because the two widths share no intrinsics. */
 __attribute__((target("avx512f"))) static inline __m512 exp_nonpositive16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
