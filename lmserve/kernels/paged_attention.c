@@ -169,13 +169,16 @@ static inline __m128 horizontal_sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-/* `bytes` of each of `rows` rows (`stride` apart) into L1. Always inlined: as a function, gcc deems it free of
- * effects (only prefetches) and drops its calls. */
+/* `bytes` of each of `rows` rows (`stride` apart) into L2, not L1: on the AVX512-BF16 EPYC a prefetch into L1 holds
+ * one of L1's few miss buffers until the line arrives, and a block's worth stalled the loop (attention at 64
+ * sequences 24.4 -> 16.4 ms a step with T1, `benchmarks/step_profile.py`; 34 -> 20 ms in an ad-hoc probe with every
+ * block from DRAM). Always inlined: as a function, gcc deems it free of effects (only prefetches) and drops its
+ * calls. */
 static inline __attribute__((always_inline)) void prefetch_rows(const char *first, int64_t rows, int64_t stride,
                                                                 int64_t bytes) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t line = 0; line < bytes; line += 64)
-            _mm_prefetch(first + r * stride + line, _MM_HINT_T0);
+            _mm_prefetch(first + r * stride + line, _MM_HINT_T1);
 }
 
 /* A GQA group of G (2 or 3, a constant after inlining) query heads over one kv head, float16 cache: each K and V
