@@ -125,13 +125,16 @@ def test_decode_attention_reads_the_paged_cache_like_torch(heads, kv_heads, head
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not kernels_available() or best_bf16_kernel() != Bf16Kernel.AMX, reason="needs AMX")
+@pytest.mark.parametrize("kernel", [Bf16Kernel.AVX512, Bf16Kernel.AMX])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 80), (2, 1, 128), (6, 2, 16)])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_prefill_attention_on_tiles_matches_attention_of_the_bf16_rounded_inputs(heads, kv_heads, head_dim,
-                                                                                 block_size):
-    """A step's runs of prefill rows go to AMX tiles (attention_amx.c) in bf16, beside a decode row and a run too
-    short for them: each row attends causally to its own sequence, as the float kernel has it, to bf16 rounding."""
+def test_prefill_attention_in_bf16_matches_attention_of_the_bf16_rounded_inputs(kernel, heads, kv_heads, head_dim,
+                                                                                block_size):
+    """A step's runs of prefill rows go to bf16 products (prefill_attention.c: AMX tiles or AVX512-BF16 dot
+    products), beside a decode row and a run too short for them: each row attends causally to its own sequence, as
+    the float kernel has it, to bf16 rounding."""
+    if not kernels_available() or best_bf16_kernel() < kernel:
+        pytest.skip(f"needs {kernel.name}")
     gen = torch.Generator().manual_seed(heads * head_dim + block_size)
     query_lens, context_lens = [37, 1, 20, 5], [37, 20, 70, 5]  # a prompt, a decode, a chunk after 50 cached, 5 rows
     num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
@@ -146,7 +149,7 @@ def test_prefill_attention_on_tiles_matches_attention_of_the_bf16_rounded_inputs
         return paged_attention_by_row(q, k_cache, v_cache, meta.row_block_tables, meta.row_context_lens, block_size,
                                       scale, kernel=kernel)
 
-    tiles = attend(Bf16Kernel.AMX, q, k_cache, v_cache)
+    tiles = attend(kernel, q, k_cache, v_cache)
     rounded = attend(Bf16Kernel.AVX2, *(t.to(torch.bfloat16).to(t.dtype) for t in (q, k_cache, v_cache)))
     exact = attend(Bf16Kernel.AVX2, q, k_cache, v_cache)
     runs, others = [*range(37), *range(38, 58)], [37, *range(58, 63)]  # the decode row, the short run: float kernel

@@ -33,7 +33,7 @@ int64_t bf16_scratch_values(int64_t M, int64_t K);
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out, int kv_half, int amx);
+                           float *out, int kv_half, int kernel);
 int64_t attention_scratch_floats(int64_t H, int64_t D, int64_t max_context);
 
 /* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
@@ -227,7 +227,7 @@ static int llama_layer(const LlamaLayer *L, float *x, int64_t M, const float *co
     }
     lap(op_seconds, OP_ROTARY_STORE, &since);
     if (paged_attention_by_row(q, k_cache, v_cache, block_tables, max_blocks, context_lens, M, H, KVH, D, block_size,
-                               L->scale, scores, max_context, attn, kv_half, L->bf16_kernel == BF16_AMX))
+                               L->scale, scores, max_context, attn, kv_half, L->bf16_kernel))
         return -1;
     lap(op_seconds, OP_ATTENTION, &since);
     if (linear(&L->o, attn, M, q_width, hidden, x, 1, delta, &qs, L->bf16_kernel)) return -1; /* x += o(attn) */

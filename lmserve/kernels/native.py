@@ -29,7 +29,7 @@ from lmserve.platform import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "attention_amx.c",
+           for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "prefill_attention.c",
                         "llama_layers.c", "argmax.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "bf16_kernels.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
@@ -292,8 +292,8 @@ def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            kernel: Bf16Kernel | None = None) -> torch.Tensor:
     """Query rows (q [rows, heads, head_dim], float32) each against its own paged context (block_tables [rows,
     max_blocks], context_lens [rows]), read in place from k_cache / v_cache ([slots, kv_heads, head_dim], float32 or
-    float16); returns [rows, heads * head_dim]. With kernel AMX (by default where the CPU has it), a prefill's rows
-    from a float16 cache go to the tiles in bf16 (attention_amx.c)."""
+    float16); returns [rows, heads * head_dim]. With kernel AVX512 or AMX (by default where the CPU has them), a
+    prefill's runs of rows from a float16 cache are computed in bf16 (prefill_attention.c)."""
     lib = _required_library()
     kernel = _runnable(kernel)
     q = q.contiguous()
@@ -305,7 +305,7 @@ def paged_attention_by_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                         block_tables.shape[1], context_lens.data_ptr(), rows, heads,
                                         k_cache.shape[1], head_dim, block_size, scale, scores.data_ptr(), max_context,
                                         out.data_ptr(), _half(k_cache, v_cache),
-                                        kernel == Bf16Kernel.AMX)
+                                        int(kernel))
     if status != 0:
         raise ValueError(f"paged_attention_by_row: {heads} heads over {k_cache.shape[1]} kv heads of size {head_dim} "
                          "is not supported (head size must be a multiple of 8)")

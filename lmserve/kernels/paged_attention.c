@@ -7,7 +7,7 @@
  * block table and reads K and V rows in place, once for all the query heads that share them (GQA).
  * Work items are handed out one at a time: contexts differ in length, and a thread may lose its core for a while
  * (to the server's event loop: handing them out round-robin, to prefetch each thread's next item, lost 5% of W2).
- * A prefill's runs of rows go to AMX tiles where the CPU has them (attention_amx.c).
+ * A prefill's runs of rows go to bf16 products where the CPU has AVX512-BF16 or AMX (prefill_attention.c).
  *
  * At a few dozen sequences a decode step reads more K/V than weights, at memory speed: a float16 cache (kv_half)
  * halves those bytes; its values are widened to float32 as they are loaded, once per GQA group of 2 or 3 heads
@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16_kernels.h"
 #include "simd.h"
 
 
@@ -277,16 +278,16 @@ static void attend_half(const float *q, const void *k_cache, const void *v_cache
 
 void amx_begin(void);
 void amx_end(void);
-int64_t amx_run_scratch_floats(int64_t D, int64_t max_context);
-void amx_attend_run(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
-                    int64_t first_context, int64_t n, int64_t kvh, int64_t KVH, int64_t group, int64_t H, int64_t D,
-                    int64_t block_size, float scale, float *scratch, float *out);
+int64_t bf16_run_scratch_floats(int64_t D, int64_t max_context);
+void bf16_attend_run(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                     int64_t first_context, int64_t n, int64_t kvh, int64_t KVH, int64_t group, int64_t H, int64_t D,
+                     int64_t block_size, float scale, float *scratch, float *out, int amx);
 
-#define AMX_MIN_RUN 8 /* query rows of one sequence from which its attention goes to the tiles */
+#define MIN_RUN 8 /* query rows of one sequence from which its attention goes to prefill_attention.c */
 
-/* Scratch per thread: a row's [H, max_context] scores, or a run's tiles (attention_amx.c). */
+/* Scratch per thread: a row's [H, max_context] scores, or a run's bf16 K/V (prefill_attention.c). */
 static int64_t thread_scratch_floats(int64_t H, int64_t D, int64_t max_context) {
-    const int64_t rows = H * max_context, runs = amx_run_scratch_floats(D, max_context);
+    const int64_t rows = H * max_context, runs = bf16_run_scratch_floats(D, max_context);
     return rows > runs ? rows : runs;
 }
 
@@ -306,23 +307,23 @@ static int continues(const int64_t *block_tables, int64_t max_blocks, const int6
 }
 
 /* Returns 0, or -1 when head_dim is not a multiple of 8, the heads do not group evenly or memory ran out.
- * amx: the CPU has AMX (and the caller called amx_enable); runs of AMX_MIN_RUN rows or more of one sequence from a
- * float16 cache then go to the tiles. */
+ * kernel: the bf16 kernel the CPU runs (bf16_kernels.h; for AMX the caller called amx_enable): with AVX512-BF16 or
+ * AMX, runs of MIN_RUN rows or more of one sequence from a float16 cache go to prefill_attention.c. */
 int paged_attention_by_row(const float *q, const void *k_cache, const void *v_cache, const int64_t *block_tables,
                            int64_t max_blocks, const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH,
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
-                           float *out, int kv_half, int amx) {
+                           float *out, int kv_half, int kernel) {
     if (D % 8 != 0 || KVH <= 0 || H % KVH != 0) return -1;
     const int64_t per_thread = thread_scratch_floats(H, D, max_context), group = H / KVH;
-    /* Runs of rows (a prefill chunk's) for the tiles; every other row goes through attend_* on its own. */
+    /* Runs of rows (a prefill chunk's) in bf16; every other row goes through attend_* on its own. */
     int64_t *rows = malloc(sizeof(int64_t) * 3 * S), *run_first = rows, *run_rows = rows + S, *single = rows + 2 * S;
     if (!rows) return -1;
     int64_t run_count = 0, single_count = 0;
-    const int tiles = amx && kv_half && D % 16 == 0 && D <= 128;
+    const int in_runs = kernel != BF16_AVX2 && kv_half && D % 16 == 0 && D <= 128, amx = kernel == BF16_AMX;
     for (int64_t r = 0, end; r < S; r = end) {
-        for (end = r + 1; tiles && end < S && continues(block_tables, max_blocks, context_lens, end - 1, block_size);)
+        for (end = r + 1; in_runs && end < S && continues(block_tables, max_blocks, context_lens, end - 1, block_size);)
             end++;
-        if (end - r >= AMX_MIN_RUN) {
+        if (end - r >= MIN_RUN) {
             run_first[run_count] = r;
             run_rows[run_count++] = end - r;
         } else {
@@ -337,15 +338,15 @@ int paged_attention_by_row(const float *q, const void *k_cache, const void *v_ca
     {
         float *mine = scores + omp_get_thread_num() * per_thread;
         if (run_count) {
-            amx_begin();
+            if (amx) amx_begin();
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < run_count * KVH; i++) {
                 const int64_t first = run_first[i / KVH], n = run_rows[i / KVH];
-                amx_attend_run(q + first * H * D, k_cache, v_cache, block_tables + first * max_blocks,
-                               context_lens[first], n, i % KVH, KVH, group, H, D, block_size, scale, mine,
-                               out + first * H * D);
+                bf16_attend_run(q + first * H * D, k_cache, v_cache, block_tables + first * max_blocks,
+                                context_lens[first], n, i % KVH, KVH, group, H, D, block_size, scale, mine,
+                                out + first * H * D, amx);
             }
-            amx_end();
+            if (amx) amx_end();
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < items; i++) {

@@ -1,17 +1,19 @@
-/* Prefill attention on AMX tiles: a run of query rows of one sequence (a prompt, or a chunk of one) against its
- * paged float16 K/V, sixteen rows at a time.
+/* Prefill attention in bf16: a run of query rows of one sequence (a prompt, or a chunk of one) against its paged
+ * float16 K/V, sixteen rows at a time, on AMX tiles or with AVX512-BF16 dot products.
  *
  * Row by row (paged_attention.c), a 128-token prompt's attention took a fifth of a prefill step for 2% of its
  * arithmetic: each row re-reads its keys and multiplies in 8-lane vectors (a step of 8 such prompts: 64 ms of its
- * attention row by row, 20 ms here; Xeon with AMX, 2 cores). Here the keys and values of one kv head
- * are converted to bf16 once per run, into the tile layouts (bf16_amx.c: B as [pairs][16 columns][2]), and a block
- * of 16 query rows meets them as two tile products: S = Q K^T, then O = P V after a float32 softmax of S in which
- * each row keeps only keys up to its own position. As with vLLM's bf16 attention, Q, K, P and V are rounded to bf16
- * and the sums kept in float32; the caller only sends runs from a float16 cache (an exact float32 run stays exact).
+ * attention row by row, 20 ms on tiles; Xeon with AMX, 2 cores). Here the keys and values of one kv head are
+ * converted to bf16 once per run, into the tile layouts (bf16_amx.c: B as [pairs][16 columns][2]), and a block of
+ * 16 query rows meets them as two products: S = Q K^T, then O = P V after a float32 softmax of S in which each row
+ * keeps only keys up to its own position. Without AMX, the same layouts feed vdpbf16ps (one 64-byte load: a pair
+ * of dims of 16 keys, or a pair of keys of 16 dims) in micro-tiles of 4 rows x 4 column tiles. As with vLLM's bf16
+ * attention, Q, K, P and V are rounded to bf16 and the sums kept in float32; the caller only sends runs from a
+ * float16 cache (an exact float32 run stays exact).
  *
  * q, out: the run's rows, [n, H, D] at stride H * D.  table: the sequence's block table.  first_context: the first
  * row's context length (itself included); row i attends to first_context + i keys.  D: a multiple of 16.
- * scratch: amx_run_scratch_floats(D, max_context) floats for the calling thread.
+ * scratch: bf16_run_scratch_floats(D, max_context) floats for the calling thread.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -28,7 +30,7 @@
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-int64_t amx_run_scratch_floats(int64_t D, int64_t max_context) {
+int64_t bf16_run_scratch_floats(int64_t D, int64_t max_context) {
     const int64_t keys = round_up(max_context, 32), d32 = round_up(D, 32);
     /* bf16 K and V tiles, float32 scores, bf16 probabilities, bf16 queries, one float32 output tile */
     return keys * d32 / 2 + keys * D / 2 + QB * keys + QB * keys / 2 + QB * d32 / 2 + QB * 16;
@@ -140,10 +142,108 @@ static void scores_tiles(const uint16_t *qt, const uint16_t *kt, int64_t keys, i
     }
 }
 
-/* The query heads [kvh * group, (kvh + 1) * group) of n rows; see the top of the file. */
-void amx_attend_run(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
-                    int64_t first_context, int64_t n, int64_t kvh, int64_t KVH, int64_t group, int64_t H, int64_t D,
-                    int64_t block_size, float scale, float *scratch, float *out) {
+/* O = P V on tiles for one block of rows: out row r = inv_sum[r] * (p row r) V, up to 64 dims (4 tiles) at a time. */
+static void values_tiles(const uint16_t *p, const uint16_t *vt, int64_t width, int64_t keys_max, int64_t D,
+                         int64_t rows, const float *inv_sum, float *o, float *out, int64_t out_stride) {
+    for (int64_t j0 = 0; j0 < D / 16; j0 += 4) {
+        const int64_t tiles = D / 16 - j0 < 4 ? D / 16 - j0 : 4;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < width / 32; c++) { /* each V tile in its own register: no load waits */
+            _tile_loadd(4, p + c * 32, keys_max * 2);
+            const uint16_t *v = vt + (c * (D / 16) + j0) * 512;
+            _tile_loadd(5, v, 64);
+            if (tiles > 1) _tile_loadd(6, v + 512, 64);
+            if (tiles > 2) _tile_loadd(7, v + 1024, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if (tiles > 1) _tile_dpbf16ps(1, 4, 6);
+            if (tiles > 2) _tile_dpbf16ps(2, 4, 7);
+            if (tiles > 3) {
+                _tile_loadd(5, v + 1536, 64);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+        }
+        for (int64_t j = 0; j < tiles; j++) {
+            switch (j) {
+            case 0: _tile_stored(0, o, 64); break;
+            case 1: _tile_stored(1, o, 64); break;
+            case 2: _tile_stored(2, o, 64); break;
+            default: _tile_stored(3, o, 64); break;
+            }
+            for (int64_t r = 0; r < rows; r++)
+                _mm512_storeu_ps(out + r * out_stride + (j0 + j) * 16,
+                                 _mm512_mul_ps(_mm512_loadu_ps(o + r * 16), _mm512_set1_ps(inv_sum[r])));
+        }
+    }
+}
+
+/* R x (C * 16) sums by vdpbf16ps (R, C <= 4, constants after inlining): out[r * out_stride + 16 * c + lane] =
+ * scale[r] * sum over pairs p of a[r * a_stride + p] . B_c[p], where a holds pairs of bf16 as 32-bit words and B_c,
+ * the c-th 16-column tile in the tile layout, keeps pair p at b + c * tile_stride + (p / 16) * chunk_stride +
+ * (p % 16) * 32. pairs: a multiple of 16. scale: NULL for none. */
+static inline __attribute__((always_inline)) void dot_tile(const uint32_t *a, int64_t a_stride, int64_t pairs,
+                                                           const uint16_t *b, int64_t tile_stride,
+                                                           int64_t chunk_stride, const int R, const int C,
+                                                           const float *scale, float *out, int64_t out_stride) {
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t chunk = 0; chunk < pairs / 16; chunk++)
+        for (int64_t p = 0; p < 16; p++) {
+            const uint16_t *bp = b + chunk * chunk_stride + p * 32;
+            __m512bh bv[4];
+            for (int c = 0; c < C; c++) bv[c] = (__m512bh)_mm512_loadu_si512(bp + c * tile_stride);
+            for (int r = 0; r < R; r++) {
+                const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * a_stride + chunk * 16 + p]);
+                for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, bv[c]);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            _mm512_storeu_ps(out + r * out_stride + c * 16,
+                             scale ? _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale[r])) : acc[r][c]);
+}
+
+#define DOT_TILE(r, c) dot_tile(a, a_stride, pairs, b, tile_stride, chunk_stride, r, c, scale, out, out_stride)
+#define DOT_TILES(r)                                                                                                 \
+    switch (C) {                                                                                                     \
+    case 1: DOT_TILE(r, 1); break;                                                                                   \
+    case 2: DOT_TILE(r, 2); break;                                                                                   \
+    case 3: DOT_TILE(r, 3); break;                                                                                   \
+    default: DOT_TILE(r, 4); break;                                                                                  \
+    }
+
+/* dot_tile over `rows` rows and `tiles` column tiles, in micro-tiles of up to 4 x 4. */
+static void dot_product(const uint32_t *a, int64_t a_stride, int64_t pairs, const uint16_t *b, int64_t tile_stride,
+                        int64_t chunk_stride, int64_t rows, int64_t tiles, const float *scales, float *out_rows,
+                        int64_t out_stride) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 4)
+        for (int64_t c0 = 0; c0 < tiles; c0 += 4) {
+            const int R = rows - r0 < 4 ? (int)(rows - r0) : 4, C = tiles - c0 < 4 ? (int)(tiles - c0) : 4;
+            const uint32_t *a_here = a + r0 * a_stride;
+            const uint16_t *b_here = b + c0 * tile_stride;
+            const float *scale = scales ? scales + r0 : NULL;
+            float *out = out_rows + r0 * out_stride + c0 * 16;
+            {
+                const uint32_t *a = a_here;
+                const uint16_t *b = b_here;
+                switch (R) {
+                case 1: DOT_TILES(1) break;
+                case 2: DOT_TILES(2) break;
+                case 3: DOT_TILES(3) break;
+                default: DOT_TILES(4) break;
+                }
+            }
+        }
+}
+
+/* The query heads [kvh * group, (kvh + 1) * group) of n rows; see the top of the file. amx: on tiles (the caller
+ * has loaded the tile configuration), else by dot products. */
+void bf16_attend_run(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                     int64_t first_context, int64_t n, int64_t kvh, int64_t KVH, int64_t group, int64_t H, int64_t D,
+                     int64_t block_size, float scale, float *scratch, float *out, int amx) {
     const int64_t d32 = round_up(D, 32), keys_max = round_up(first_context + n - 1, 32);
     uint16_t *kt = (uint16_t *)scratch, *vt = kt + keys_max * d32, *p = vt + keys_max * D;
     float *s = (float *)(p + QB * keys_max);
@@ -156,51 +256,29 @@ void amx_attend_run(const float *q, const void *k_cache, const void *v_cache, co
         packed = keys / 32 * 32; /* the last, partial chunk is packed again with the next block's keys */
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
             memset(qt, 0, sizeof(uint16_t) * QB * d32);
-            for (int64_t r = 0; r < rows; r++) /* Q: [32-dim chunk][row][32] */
+            for (int64_t r = 0; r < rows; r++) /* Q: tiles [32-dim chunk][row][32]; dot products [row][d32] */
                 for (int64_t d = 0; d < D; d += 16)
-                    _mm256_storeu_si256((__m256i *)(qt + (d / 32 * QB + r) * 32 + d % 32),
+                    _mm256_storeu_si256((__m256i *)(qt + (amx ? (d / 32 * QB + r) * 32 + d % 32 : r * d32 + d)),
                                         (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q + ((b + r) * H + h) * D + d)));
-            scores_tiles(qt, kt, keys, d32 / 32, s, keys_max);
+            if (amx)
+                scores_tiles(qt, kt, keys, d32 / 32, s, keys_max);
+            else /* K's 16-key tiles are d32 / 32 chunks of 512 values each */
+                dot_product((const uint32_t *)qt, d32 / 2, d32 / 2, kt, d32 * 16, 512, rows, width / 16, NULL, s,
+                            keys_max);
             float inv_sum[QB];
             for (int64_t r = 0; r < QB; r++) {
                 if (r < rows)
                     inv_sum[r] = 1.0f / softmax_row(s + r * keys_max, first_context + b + r, width, scale,
                                                     p + r * keys_max);
-                else
+                else if (amx)
                     memset(p + r * keys_max, 0, sizeof(uint16_t) * width);
             }
-            for (int64_t j0 = 0; j0 < D / 16; j0 += 4) { /* O = P V, up to 64 dims (4 tiles) at a time */
-                const int64_t tiles = D / 16 - j0 < 4 ? D / 16 - j0 : 4;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t c = 0; c < width / 32; c++) { /* each V tile in its own register: no load waits */
-                    _tile_loadd(4, p + c * 32, keys_max * 2);
-                    const uint16_t *v = vt + (c * (D / 16) + j0) * 512;
-                    _tile_loadd(5, v, 64);
-                    if (tiles > 1) _tile_loadd(6, v + 512, 64);
-                    if (tiles > 2) _tile_loadd(7, v + 1024, 64);
-                    _tile_dpbf16ps(0, 4, 5);
-                    if (tiles > 1) _tile_dpbf16ps(1, 4, 6);
-                    if (tiles > 2) _tile_dpbf16ps(2, 4, 7);
-                    if (tiles > 3) {
-                        _tile_loadd(5, v + 1536, 64);
-                        _tile_dpbf16ps(3, 4, 5);
-                    }
-                }
-                for (int64_t j = 0; j < tiles; j++) {
-                    switch (j) {
-                    case 0: _tile_stored(0, o, 64); break;
-                    case 1: _tile_stored(1, o, 64); break;
-                    case 2: _tile_stored(2, o, 64); break;
-                    default: _tile_stored(3, o, 64); break;
-                    }
-                    for (int64_t r = 0; r < rows; r++)
-                        _mm512_storeu_ps(out + ((b + r) * H + h) * D + (j0 + j) * 16,
-                                         _mm512_mul_ps(_mm512_loadu_ps(o + r * 16), _mm512_set1_ps(inv_sum[r])));
-                }
-            }
+            float *out_rows = out + (b * H + h) * D;
+            if (amx)
+                values_tiles(p, vt, width, keys_max, D, rows, inv_sum, o, out_rows, H * D);
+            else /* V's 16-dim tiles are 512 values apart within a 32-key chunk; chunks D / 16 tiles apart */
+                dot_product((const uint32_t *)p, keys_max / 2, width / 2, vt, 512, D / 16 * 512, rows, D / 16,
+                            inv_sum, out_rows, H * D);
         }
     }
 }
