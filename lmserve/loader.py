@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.kernels.int8_linear import has_int8_dot_product
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available
 from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
@@ -57,7 +58,9 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtype = "auto",
                device: str = "cpu", quantization: str = "auto") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
-    `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not.
+    `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not;
+    "int8" also rounds the decoder layers' weights (and, as they are multiplied, their inputs) to int8 per group of
+    64 (kernels/int8_matmul.c: CPUs with AVX512-VNNI, float32 activations).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
     linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively."""
     path = resolve_model_path(model)
@@ -72,6 +75,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         weights = checkpoint.tensors(torch_dtype)
         tok = None if tokenizer else tokenizer_from_gguf(checkpoint)
     else:
+        torch_dtype = _int8_dtype(dtype, quantization, torch_device, torch_dtype)
         config = ModelConfig.from_hf(hf_dir.read_config(path), str(path / "config.json"))
         weights = hf_dir.iter_tensors(hf_dir.safetensors_files(path), torch_dtype)
         tok = None
@@ -79,12 +83,15 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         tok = load_tokenizer(Path(tokenizer).expanduser() if tokenizer else path)
     module = build_model(config, weights, str(path), torch_dtype, torch_device)
     quantized: tuple[str, ...] = ()
-    if path.suffix == ".gguf" and quantization == "auto" and _kernels_apply(torch_dtype, torch_device):
+    if path.suffix == ".gguf" and quantization != "none" and _kernels_apply(torch_dtype, torch_device):
         module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
         quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
                                   if isinstance(m, Linear) and m.quantized is not None}))
-        if quantized and dtype == "auto" and has_fast_bf16(torch_device):
+        if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
+    if quantization == "int8":
+        module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
+        quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 
 
@@ -93,7 +100,7 @@ def resolve_dtype(model: str, dtype: str = "auto", device: str = "cpu", quantiza
     path, torch_device = resolve_model_path(model), torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     if path.suffix != ".gguf":
-        return torch_dtype
+        return _int8_dtype(dtype, quantization, torch_device, torch_dtype)
     from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
 
     return _gguf_dtype(GGUFCheckpoint(path), dtype, quantization, torch_device, torch_dtype)
@@ -104,7 +111,18 @@ def _gguf_dtype(checkpoint: GGUFCheckpoint, dtype: str | torch.dtype, quantizati
     if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, device)
             and checkpoint.has_blocks(frozenset(BLOCK_BYTES))):
         return torch.float32  # decode on the blocks beats bf16 products, even where bf16 is native
-    return parsed
+    return _int8_dtype(dtype, quantization, device, parsed)
+
+
+def _int8_dtype(dtype: str | torch.dtype, quantization: str, device: torch.device, parsed: torch.dtype) -> torch.dtype:
+    """int8 products take float32 activations, on CPUs that run them."""
+    if quantization != "int8":
+        return parsed
+    if not (device.type == "cpu" and kernels_available() and has_int8_dot_product()):
+        raise ValueError("quantization int8 needs lmserve's CPU kernels on a CPU with AVX512-VNNI")
+    if dtype not in ("auto", "float32", torch.float32):
+        raise ValueError(f"quantization int8 runs float32 activations; dtype {dtype!r} is not supported with it")
+    return torch.float32
 
 
 def _kernels_apply(dtype: torch.dtype, device: torch.device) -> bool:

@@ -10,7 +10,7 @@ from lmserve.config import ModelConfig
 from lmserve.kernels.native import kernels_available
 from lmserve.platform import GiB, available_memory
 
-QUANTIZATION_CHOICES = ("auto", "none")
+QUANTIZATION_CHOICES = ("auto", "none", "int8")
 # A step's token budget on the CPU: prefill steps of 1024 tokens run faster per token than 2048 (their activations
 # stay in cache), so against 2048 both offline throughput (W1: 869 / 904 against 822 / 852 tok/s) and serving (W2:
 # mean TTFT 773 against 1171 ms, 739 against 672 tok/s) gained (Xeon with AMX, benchmarks/side_by_side.py with
@@ -26,7 +26,7 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     tokenizer: str | None = None
     dtype: str = "auto"                        # bf16 where the hardware runs it fast, else fp32
-    quantization: str = "auto"                 # auto: decode with a GGUF's quantized blocks where kernels run; none
+    quantization: str = "auto"                 # auto: a GGUF's blocks for decode where kernels run; none; int8
     kv_cache_dtype: str = "auto"               # auto: the activations' dtype
     device: str = "cpu"
     max_model_len: int | None = None          # default: the model's context

@@ -35,15 +35,20 @@ int paged_attention_by_row(const float *q, const void *k_cache, const void *v_ca
                            int64_t D, int64_t block_size, float scale, float *scores, int64_t max_context,
                            float *out, int kv_half, int kernel);
 int64_t attention_scratch_floats(int64_t H, int64_t D, int64_t max_context);
+int int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, const int32_t *offsets,
+                int64_t N, const float *bias, float *y, int64_t y_stride, uint8_t *xq, int epilogue);
 
-/* A linear layer's native weights: GGUF blocks, bf16 tiles (bf16_matmul.c), or both; the blocks take products of
- * up to max_block_rows rows, the tiles the rest. */
+/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c) or int8 (int8_matmul.c) -- or blocks
+ * and tiles; the blocks take products of up to max_block_rows rows, the tiles the rest. */
 typedef struct {
     int qtype;                 /* ggml type of the blocks */
     const uint8_t *blocks;     /* NULL when the layer has none */
     const uint16_t *bf16_tiles;/* NULL when the layer has none */
     int64_t max_block_rows;
     const float *bias;         /* NULL when the layer has none */
+    const int8_t *int8_tiles;  /* NULL when the layer has none; with their scales and offsets */
+    const float *int8_scales;
+    const int32_t *int8_offsets;
 } NativeLinear;
 
 typedef struct {
@@ -129,7 +134,7 @@ static void add_into(float *x, const float *delta, int64_t M, int64_t n) {
 }
 
 static int on_blocks(const NativeLinear *W, int64_t M) {
-    return W->blocks && (M <= W->max_block_rows || !W->bf16_tiles);
+    return W->blocks && (M <= W->max_block_rows || !(W->bf16_tiles || W->int8_tiles));
 }
 
 /* y = x W^T + bias, or (accumulate) y += x W^T + bias: the tiles add into y as they store, the blocks' product goes
@@ -145,6 +150,9 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
         if (accumulate) add_into(y, delta, M, N);
         return 0;
     }
+    if (W->int8_tiles)
+        return int8_matmul(x, M, K, W->int8_tiles, W->int8_scales, W->int8_offsets, N, W->bias, y, N,
+                           (uint8_t *)s->xq, accumulate ? ACCUMULATE : STORE);
     if (!W->bf16_tiles) return -1;
     return bf16_matmul(x, M, K, W->bf16_tiles, N, W->bias, y, N, (uint16_t *)s->xq, bf16_kernel,
                        accumulate ? ACCUMULATE : STORE);
@@ -154,6 +162,9 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
  * through the [M, 2n] gate_up buffer. */
 static int gate_up_silu(const NativeLinear *W, const float *h, int64_t M, int64_t K, int64_t n, float *gate_up,
                         float *act, const QuantScratch *s, int bf16_kernel) {
+    if (!on_blocks(W, M) && W->int8_tiles && !W->bias && n % 16 == 0)
+        return int8_matmul(h, M, K, W->int8_tiles, W->int8_scales, W->int8_offsets, 2 * n, NULL, act, n,
+                           (uint8_t *)s->xq, SILU_MUL);
     if (!on_blocks(W, M) && W->bf16_tiles && bf16_kernel != BF16_AVX2 && !W->bias && n % 16 == 0)
         return bf16_matmul(h, M, K, W->bf16_tiles, 2 * n, NULL, act, n, (uint16_t *)s->xq, bf16_kernel, SILU_MUL);
     if (linear(W, h, M, K, 2 * n, gate_up, 0, NULL, s, bf16_kernel)) return -1;

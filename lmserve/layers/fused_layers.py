@@ -34,9 +34,11 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def _linear_spec(linear: Linear) -> NativeLinearSpec:
-    blocks = linear.quantized
+    blocks, int8 = linear.quantized, linear.int8_tiles
+    int8_parts = (None, None, None) if int8 is None else (int8.tiles, int8.scales, int8.offsets)
     return NativeLinearSpec(0 if blocks is None else blocks.qtype, _pointer(blocks and blocks.blocks),
-                            _pointer(linear.bf16_tiles), linear.max_quantized_rows, _pointer(linear.bias))
+                            _pointer(linear.bf16_tiles), linear.max_quantized_rows, _pointer(linear.bias),
+                            *map(_pointer, int8_parts))
 
 
 def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
@@ -45,7 +47,8 @@ def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     read_by_c = [block.input_layernorm.weight, block.post_attention_layernorm.weight,
                  *(linear.bias for linear in linears if linear.bias is not None)]  # float weights: blocks instead
-    if (any(linear.quantized is None and linear.bf16_tiles is None for linear in linears) or attn.head_dim % 8
+    if (any(linear.quantized is None and linear.bf16_tiles is None and linear.int8_tiles is None
+            for linear in linears) or attn.head_dim % 8
             or not kernels_available()
             or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in read_by_c)):
         return None

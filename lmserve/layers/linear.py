@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels.int8_linear import Int8Tiles, has_int8_dot_product, int8_matmul, int8_packable, pack_int8
 from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, quant_matmul
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
@@ -44,25 +45,28 @@ class QuantizedWeight:
 class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
     bf16_tiles: torch.Tensor | None = None  # the weight in native.pack_bf16's layout; `weight` is None then
+    int8_tiles: Int8Tiles | None = None     # the weight rounded to int8 (--quantization int8); `weight` is None then
 
     @property
     def max_quantized_rows(self) -> int:
         """Products with up to this many rows run on the blocks (0 without blocks)."""
         if self.quantized is None:
             return 0
-        if self.bf16_tiles is not None:
+        if self.bf16_tiles is not None or self.int8_tiles is not None:
             return MAX_QUANTIZED_ROWS_OVER_TILES
         return MAX_QUANTIZED_ROWS.get(self.weight.dtype, 0)
 
     @property
     def float_weight_dtype(self) -> torch.dtype:
+        if self.int8_tiles is not None:
+            return torch.int8
         return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
 
     def runs_natively(self, rows: int, decode: bool = True) -> bool:
         """Whether a step of `rows` token rows should run this layer in the C stack: on tiles at any size; on the
         blocks for decode steps up to MAX_FUSED_DECODE_ROWS sequences, and for other steps only where the torch
         path multiplies by the blocks too (a prefill keeps the float weights' exact products)."""
-        if self.bf16_tiles is not None:
+        if self.bf16_tiles is not None or self.int8_tiles is not None:
             return True
         return self.quantized is not None and rows <= (MAX_FUSED_DECODE_ROWS if decode else self.max_quantized_rows)
 
@@ -77,11 +81,25 @@ class Linear(nn.Linear):
         else:
             self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
 
+    def store_weight_in_int8(self) -> None:
+        """Keep the weight rounded to int8 per output and group of 64 inputs, for int8 products of int8-rounded
+        activations (kernels/int8_matmul.c); the caller has checked the CPU runs them."""
+        float32_bias = self.bias is None or self.bias.dtype == torch.float32
+        if not (int8_packable(self.weight) and has_int8_dot_product() and self.weight.device.type == "cpu"
+                and float32_bias):
+            raise ValueError(f"quantization int8: a [{self.out_features}, {self.in_features}] linear cannot be "
+                             "packed (outputs in 16s, inputs in 64s, a CPU with AVX512-VNNI)")
+        self.int8_tiles = pack_int8(self.weight)
+        self.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.numel() <= self.max_quantized_rows * x.shape[-1]:
             out = quant_matmul(self.quantized.qtype, x.reshape(-1, x.shape[-1]), self.quantized.blocks)
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
+        if self.int8_tiles is not None:
+            out = int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.int8_tiles, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if self.bf16_tiles is not None:
             out = bf16_matmul(x.reshape(-1, x.shape[-1]).float(), self.bf16_tiles, self.bias)
             return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)

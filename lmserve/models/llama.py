@@ -71,6 +71,10 @@ class LlamaForCausalLM(DecoderLM):
         super().store_linear_weights_in(dtype)
         self.fused_stack = llama_stack_spec(list(self.layers))  # the tiles replace the float weights
 
+    def store_linear_weights_in_int8(self, lm_head_dtype: torch.dtype) -> None:
+        super().store_linear_weights_in_int8(lm_head_dtype)
+        self.fused_stack = llama_stack_spec(list(self.layers))
+
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
