@@ -63,15 +63,22 @@ def _machine(anchors: Anchors, repo: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _ratio(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> str:
+    mine, other = _values(ours, key), _values(theirs, key)
+    if mine and other and median_min_max(other)[0]:
+        return f"{median_min_max(mine)[0] / median_min_max(other)[0]:.2f}"
+    return "–"
+
+
 def _table(wname: str, by_engine: dict[str, list[dict[str, Any]]], plot_dir: Path, rel: str, smoke: bool,
            ) -> list[str]:
     w = WORKLOADS[wname].smoke() if smoke else WORKLOADS[wname]
-    base = by_engine.get("lmserve")
+    base, int8 = by_engine.get("lmserve"), by_engine.get("lmserve-int8")
     head = next((label for key, label, _ in w.figures if key == w.headline), w.headline)
     lines = [f"## {wname}: {w.title}", "",
              "| engine | how | weights | runs | " + " | ".join(label for _, label, _ in w.figures)
-             + f" | lmserve / engine ({head}) |",
-             "|---|---|---|---|" + "---|" * len(w.figures) + "---|"]
+             + f" | lmserve / engine ({head}) |" + (" lmserve-int8 / engine |" if int8 else ""),
+             "|---|---|---|---|" + "---|" * len(w.figures) + "---|" + ("---|" if int8 else "")]
     panels = {key: {"title": label, "unit": "", "bars": []} for key, label, _ in w.figures}
     for label, records in sorted(by_engine.items(), key=lambda kv: (not kv[0].startswith("lmserve"), kv[0])):
         cells = []
@@ -80,14 +87,11 @@ def _table(wname: str, by_engine: dict[str, list[dict[str, Any]]], plot_dir: Pat
             cells.append(format_mmm(vals) if vals else "–")
             if vals:
                 panels[key]["bars"].append((label, *median_min_max(vals)))
-        ratio = "–"
-        if base and not label.startswith("lmserve"):
-            mine, theirs = _values(base, w.headline), _values(records, w.headline)
-            if mine and theirs and median_min_max(theirs)[0]:
-                ratio = f"{median_min_max(mine)[0] / median_min_max(theirs)[0]:.2f}"
+        ratios = [_ratio(ours, records, w.headline) if ours and not label.startswith("lmserve") else "–"
+                  for ours in ([base, int8] if int8 else [base])]
         r0 = records[0]
         lines.append(f"| {label} | {r0['how']} | {r0['dtype']} | {len(records)} | " + " | ".join(cells)
-                     + f" | {ratio} |")
+                     + "".join(f" | {ratio}" for ratio in ratios) + " |")
     better = next(("higher" if hib else "lower") for key, _, hib in w.figures if key == w.headline)
     lines += ["", f"Ratio: lmserve's median {head} over the engine's ({better} is better for lmserve"
               + (", so a ratio above 1 favours lmserve)." if better == "higher" else ", so below 1 favours lmserve).")]

@@ -16,7 +16,9 @@ ENGINES = ("lmserve", "transformers", "llamacpp", "vllm")
 VENV_BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-PORTS = {"lmserve": 8101, "lmserve-cache": 8102, "vllm": 8103, "llamacpp-q4_1": 8104, "llamacpp-f16": 8105}
+PORTS = {"lmserve": 8101, "lmserve-cache": 8102, "vllm": 8103, "llamacpp-q4_1": 8104, "llamacpp-f16": 8105,
+         "lmserve-int8": 8106}
+INT8_ARGS = ["--quantization", "int8"]  # the lmserve-int8 variant (side_by_side.py --lmserve-int8)
 SLOT_CTX = 640  # llama-server context per slot: the longest workload (512 + 32 + 64) fits
 
 
@@ -114,7 +116,8 @@ class Plan:
             return argv, {}
         if self.engine == "lmserve":
             return [str(VENV_BIN / "lmserve"), "bench", "throughput", "--model", str(a.gguf_q4_1),
-                    *shlex.split(self.args.lmserve_args), "--no-enable-prefix-caching",
+                    *shlex.split(self.args.lmserve_args), *(INT8_ARGS if self.label == "lmserve-int8" else []),
+                    "--no-enable-prefix-caching",
                     "--dataset-path", str(prompts.with_suffix(".jsonl")), "--num-prompts", str(w.num_prompts),
                     "--output-len", str(w.output_len), "--disable-tqdm", "--output-json", str(raw)], {}
         mode = {"vllm": "vllm-throughput", "transformers": "hf-throughput" if self.kind == "offline" else "hf-latency"}
@@ -128,8 +131,9 @@ def _server(label: str, args: Any, anchors: Anchors, smoke: bool) -> ServerSpec:
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if label.startswith("lmserve"):
         caching = [] if label == "lmserve-cache" else ["--no-enable-prefix-caching"]
+        int8 = INT8_ARGS if label == "lmserve-int8" else []
         return ServerSpec(label, [str(VENV_BIN / "lmserve"), "serve", str(anchors.gguf_q4_1),
-                                  *shlex.split(args.lmserve_args), *caching, *host], port)
+                                  *shlex.split(args.lmserve_args), *int8, *caching, *host], port)
     if label == "vllm":
         return ServerSpec(label, [str(anchors.python("vllm").parent / "vllm"), "serve", str(anchors.hf_dir),
                                   "--dtype", args.vllm_dtype, "--max-model-len", "2048",
@@ -155,6 +159,9 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
 
     quantization, dtype_option = option("--quantization"), option("--dtype")
     dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
+    if quantization == "int8":
+        return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
+                f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"
@@ -184,6 +191,11 @@ def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[st
                 variants.append((engine, "lmserve", "serve", "lmserve serve, prefix cache off", lm_dtype))
             else:
                 variants.append((engine, "lmserve", "serve", "lmserve serve, prefix cache off", lm_dtype))
+            if args.lmserve_int8 and w.name != "W4":
+                int8_dtype = lmserve_weights(str(anchors.gguf_q4_1), [*shlex.split(args.lmserve_args), *INT8_ARGS])
+                how = "LLM.generate (bench throughput)" if w.name == "W1" else "lmserve serve, prefix cache off"
+                variants.append((engine, "lmserve-int8", "offline" if w.name == "W1" else "serve",
+                                 f"{how}, --quantization int8", int8_dtype))
         elif engine == "vllm":
             how = "LLM.generate" if w.name == "W1" else "vllm serve, prefix cache off"
             variants.append((engine, "vllm", "offline" if w.name == "W1" else "serve", how, args.vllm_dtype))
