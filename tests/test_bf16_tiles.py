@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf_export import export_gguf
+from model_helpers import assert_fused_stack_matches_torch_layers
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
 import lmserve.models.llama as llama
@@ -20,7 +21,6 @@ from lmserve.kernels.native import (
     kernels_available,
     pack_bf16,
 )
-from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import Linear
 from lmserve.loader import load_model
@@ -106,25 +106,5 @@ def test_fused_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, so
     assert model.fused_stack is not None
     calls = []
     monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
-    block_size = 4
-    prompts = [list(range(3 + s, 8 + 2 * s)) for s in range(seqs)]
-    lens = [len(p) for p in prompts]
-    per_seq = max(lens) // block_size + 1  # blocks for the prompt and the decoded token
-    tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
-    cache = KVCache.allocate(c.num_layers, per_seq * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32,
-                             "cpu")
-    prefill = (torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size))
-    decode = (torch.arange(40, 40 + seqs), AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables,
-                                                                    block_size))
-    stack, torch_cache = model.fused_stack, KVCache(cache.k.clone(), cache.v.clone(), block_size)
-    for ids, meta in (prefill, decode):
-        with torch.inference_mode():
-            model.fused_stack = stack
-            fused = model(ids, meta, cache)
-            model.fused_stack = None
-            expected = model(ids, meta, torch_cache)
-        # x is rounded to bf16 before each product, so a float-rounding difference upstream may flip one rounding
-        # (2^-9 relative): judged by norms, as in bf16 there is no per-element bound tighter than that
-        for ours, theirs in ((fused, expected), (cache.k, torch_cache.k), (cache.v, torch_cache.v)):
-            assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
+    assert_fused_stack_matches_torch_layers(model, c, seqs)
     assert calls == [1, 1]  # the prefill and the decode took the C stack

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from engine_helpers import assert_all_blocks_free
 from gguf_export import export_gguf
+from model_helpers import assert_fused_stack_matches_torch_layers
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
 import lmserve.loader as loader
 import lmserve.models.llama as llama
 from lmserve.kernels.int8_linear import GROUP, has_int8_dot_product, int8_matmul, pack_int8
 from lmserve.kernels.native import Epilogue, kernels_available
-from lmserve.layers.attention import AttentionMetadata, KVCache
 from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import Linear
 from lmserve.llm import LLM
@@ -122,26 +122,7 @@ def test_fused_stack_on_int8_tiles_matches_the_torch_layers(tmp_path, monkeypatc
     assert model.layers[0].mlp.down_proj.int8_tiles is not None and model.lm_head.int8_tiles is None
     calls = []
     monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
-    block_size = 4
-    prompts = [list(range(3 + s, 8 + 2 * s)) for s in range(seqs)]
-    lens = [len(p) for p in prompts]
-    per_seq = max(lens) // block_size + 1
-    tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
-    cache = KVCache.allocate(c.num_layers, per_seq * seqs, block_size, c.num_kv_heads, c.head_dim, torch.float32,
-                             "cpu")
-    prefill = (torch.tensor(sum(prompts, [])), AttentionMetadata.build(lens, lens, tables, block_size))
-    decode = (torch.arange(40, 40 + seqs), AttentionMetadata.build([1] * seqs, [n + 1 for n in lens], tables,
-                                                                    block_size))
-    stack, torch_cache = model.fused_stack, KVCache(cache.k.clone(), cache.v.clone(), block_size)
-    for ids, meta in (prefill, decode):
-        with torch.inference_mode():
-            model.fused_stack = stack
-            fused = model(ids, meta, cache)
-            model.fused_stack = None
-            expected = model(ids, meta, torch_cache)
-        # a float-rounding difference upstream may move one int8 rounding: judged by norms
-        for ours, theirs in ((fused, expected), (cache.k, torch_cache.k), (cache.v, torch_cache.v)):
-            assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-3
+    assert_fused_stack_matches_torch_layers(model, c, seqs)
     assert calls == [1, 1]
 
 

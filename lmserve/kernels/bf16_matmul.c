@@ -127,18 +127,7 @@ static inline __attribute__((always_inline)) void micro_tile(const int32_t *xpai
             for (int c = 0; c < cols; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
         }
     }
-    if (epilogue == SILU_MUL && cols == 2) {
-        for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * y_stride, silu_mul16(acc[r][0], acc[r][1]));
-        return;
-    }
-    for (int c = 0; c < cols; c++) {
-        const __m512 b = bias ? _mm512_loadu_ps(bias + c * 16) : _mm512_setzero_ps();
-        for (int r = 0; r < rows; r++) {
-            float *out = y + r * y_stride + c * 16;
-            const __m512 sums = _mm512_add_ps(acc[r][c], b);
-            _mm512_storeu_ps(out, epilogue == ACCUMULATE ? _mm512_add_ps(sums, _mm512_loadu_ps(out)) : sums);
-        }
-    }
+    finish_tile16(acc[0], NR, rows, cols, bias, y, y_stride, epilogue);
 }
 
 #define TILE_CASE(r, c) micro_tile(xpairs, pairs, w, tile, r, c, bias, y, y_stride, epilogue)
