@@ -13,6 +13,7 @@ from torch import nn
 from lmserve.config import ModelConfig
 from lmserve.kernels.int8_linear import has_int8_dot_product
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available
+from lmserve.kernels.q4_tiles import Q4_TYPES
 from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
 from lmserve.platform import auto_dtype, has_fast_bf16
@@ -59,8 +60,9 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
                device: str = "cpu", quantization: str = "auto") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
     `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not;
-    "int8" also rounds the decoder layers' weights (and, as they are multiplied, their inputs) to int8 per group of
-    64 (kernels/int8_matmul.c: CPUs with AVX512-VNNI, float32 activations).
+    "int8" multiplies in int8: on CPUs with AVX512-VNNI the decoder layers' weights and, as they are multiplied,
+    their inputs are rounded to int8 per group of 64 (kernels/int8_matmul.c); with AVX2 only, a GGUF's Q4_0/Q4_1
+    blocks are multiplied as they are by inputs rounded to int8 per block of 32 (kernels/q4_int8_matmul.c).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
     linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively."""
     path = resolve_model_path(model)
@@ -75,7 +77,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         weights = checkpoint.tensors(torch_dtype)
         tok = None if tokenizer else tokenizer_from_gguf(checkpoint)
     else:
-        torch_dtype = _int8_dtype(dtype, quantization, torch_device, torch_dtype)
+        torch_dtype = _int8_dtype(dtype, quantization, torch_device, torch_dtype, q4_blocks=False)
         config = ModelConfig.from_hf(hf_dir.read_config(path), str(path / "config.json"))
         weights = hf_dir.iter_tensors(hf_dir.safetensors_files(path), torch_dtype)
         tok = None
@@ -89,8 +91,11 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
                                   if isinstance(m, Linear) and m.quantized is not None}))
         if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
-    if quantization == "int8":
+    if quantization == "int8" and has_int8_dot_product():
         module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
+        quantized = (*quantized, "int8")
+    elif quantization == "int8":
+        module.store_linear_weights_in_q4_tiles()  # AVX2 only: the file's Q4 blocks by int8 inputs
         quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 
@@ -100,7 +105,7 @@ def resolve_dtype(model: str, dtype: str = "auto", device: str = "cpu", quantiza
     path, torch_device = resolve_model_path(model), torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     if path.suffix != ".gguf":
-        return _int8_dtype(dtype, quantization, torch_device, torch_dtype)
+        return _int8_dtype(dtype, quantization, torch_device, torch_dtype, q4_blocks=False)
     from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
 
     return _gguf_dtype(GGUFCheckpoint(path), dtype, quantization, torch_device, torch_dtype)
@@ -111,15 +116,18 @@ def _gguf_dtype(checkpoint: GGUFCheckpoint, dtype: str | torch.dtype, quantizati
     if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, device)
             and checkpoint.has_blocks(frozenset(BLOCK_BYTES))):
         return torch.float32  # decode on the blocks beats bf16 products, even where bf16 is native
-    return _int8_dtype(dtype, quantization, device, parsed)
+    return _int8_dtype(dtype, quantization, device, parsed, checkpoint.has_blocks(frozenset(Q4_TYPES)))
 
 
-def _int8_dtype(dtype: str | torch.dtype, quantization: str, device: torch.device, parsed: torch.dtype) -> torch.dtype:
-    """int8 products take float32 activations, on CPUs that run them."""
+def _int8_dtype(dtype: str | torch.dtype, quantization: str, device: torch.device, parsed: torch.dtype,
+                q4_blocks: bool) -> torch.dtype:
+    """int8 products take float32 activations, on CPUs that run them: any with AVX512-VNNI; with AVX2 only, for a
+    GGUF holding Q4 blocks (`q4_blocks`)."""
     if quantization != "int8":
         return parsed
-    if not (device.type == "cpu" and kernels_available() and has_int8_dot_product()):
-        raise ValueError("quantization int8 needs lmserve's CPU kernels on a CPU with AVX512-VNNI")
+    if not (device.type == "cpu" and kernels_available() and (has_int8_dot_product() or q4_blocks)):
+        raise ValueError("quantization int8 needs lmserve's CPU kernels and either a CPU with AVX512-VNNI or, with "
+                         "AVX2 only, a GGUF whose linears hold Q4_0/Q4_1 blocks")
     if dtype not in ("auto", "float32", torch.float32):
         raise ValueError(f"quantization int8 runs float32 activations; dtype {dtype!r} is not supported with it")
     return torch.float32

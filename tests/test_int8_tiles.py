@@ -12,7 +12,6 @@ from gguf_export import export_gguf
 from model_helpers import assert_fused_stack_matches_torch_layers
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
-import lmserve.loader as loader
 import lmserve.models.llama as llama
 from lmserve.kernels.int8_linear import GROUP, has_int8_dot_product, int8_matmul, pack_int8
 from lmserve.kernels.native import Epilogue, kernels_available
@@ -101,12 +100,6 @@ def test_linear_stored_in_int8_keeps_tiles_and_runs_on_them():
     torch.testing.assert_close(out.reshape(6, 48), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"a \[48, 96\] linear cannot be packed"):
         Linear(96, 48).store_weight_in_int8()
-
-
-def test_int8_is_refused_where_the_cpu_lacks_vnni(monkeypatch):
-    monkeypatch.setattr(loader, "has_int8_dot_product", lambda: False)
-    with pytest.raises(ValueError, match="quantization int8 needs .* AVX512-VNNI"):
-        load_model("smollm2-135m-instruct", quantization="int8")
 
 
 @needs_vnni

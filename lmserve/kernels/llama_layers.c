@@ -37,9 +37,12 @@ int paged_attention_by_row(const float *q, const void *k_cache, const void *v_ca
 int64_t attention_scratch_floats(int64_t H, int64_t D, int64_t max_context);
 int int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scales, const int32_t *offsets,
                 int64_t N, const float *bias, float *y, int64_t y_stride, uint8_t *xq, int epilogue);
+int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
+                   int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
 
-/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c) or int8 (int8_matmul.c) -- or blocks
- * and tiles; the blocks take products of up to max_block_rows rows, the tiles the rest. */
+/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c), int8 (int8_matmul.c) or Q4 for int8
+ * inputs (q4_int8_matmul.c) -- or blocks and tiles; the blocks take products of up to max_block_rows rows, the
+ * tiles the rest. */
 typedef struct {
     int qtype;                 /* ggml type of the blocks */
     const uint8_t *blocks;     /* NULL when the layer has none */
@@ -49,6 +52,8 @@ typedef struct {
     const int8_t *int8_tiles;  /* NULL when the layer has none; with their scales and offsets */
     const float *int8_scales;
     const int32_t *int8_offsets;
+    const uint8_t *q4_quants;  /* NULL when the layer has none; with their scales and mins */
+    const float *q4_scales, *q4_mins;
 } NativeLinear;
 
 typedef struct {
@@ -134,7 +139,7 @@ static void add_into(float *x, const float *delta, int64_t M, int64_t n) {
 }
 
 static int on_blocks(const NativeLinear *W, int64_t M) {
-    return W->blocks && (M <= W->max_block_rows || !(W->bf16_tiles || W->int8_tiles));
+    return W->blocks && (M <= W->max_block_rows || !(W->bf16_tiles || W->int8_tiles || W->q4_quants));
 }
 
 /* y = x W^T + bias, or (accumulate) y += x W^T + bias: the tiles add into y as they store, the blocks' product goes
@@ -150,6 +155,9 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
         if (accumulate) add_into(y, delta, M, N);
         return 0;
     }
+    if (W->q4_quants)
+        return q4_int8_matmul(x, M, K, W->q4_quants, W->q4_scales, W->q4_mins, N, W->bias, y, (uint8_t *)s->xq,
+                              accumulate ? ACCUMULATE : STORE);
     if (W->int8_tiles)
         return int8_matmul(x, M, K, W->int8_tiles, W->int8_scales, W->int8_offsets, N, W->bias, y, N,
                            (uint8_t *)s->xq, accumulate ? ACCUMULATE : STORE);

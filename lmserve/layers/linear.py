@@ -21,6 +21,7 @@ from torch import nn
 
 from lmserve.kernels.int8_linear import Int8Tiles, has_int8_dot_product, int8_matmul, int8_packable, pack_int8
 from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, quant_matmul
+from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_int8_matmul, q4_packable
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
 # shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
@@ -46,11 +47,12 @@ class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
     bf16_tiles: torch.Tensor | None = None  # the weight in native.pack_bf16's layout; `weight` is None then
     int8_tiles: Int8Tiles | None = None     # the weight rounded to int8 (--quantization int8); `weight` is None then
+    q4_tiles: Q4Tiles | None = None         # the Q4 blocks regrouped for int8 inputs (AVX2 CPUs); `weight` is None then
 
     @property
     def max_quantized_rows(self) -> int:
         """Products with up to this many rows run on the blocks (0 without blocks)."""
-        if self.quantized is None:
+        if self.quantized is None or self.q4_tiles is not None:
             return 0
         if self.bf16_tiles is not None or self.int8_tiles is not None:
             return MAX_QUANTIZED_ROWS_OVER_TILES
@@ -58,7 +60,7 @@ class Linear(nn.Linear):
 
     @property
     def float_weight_dtype(self) -> torch.dtype:
-        if self.int8_tiles is not None:
+        if self.int8_tiles is not None or self.q4_tiles is not None:
             return torch.int8
         return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
 
@@ -66,7 +68,7 @@ class Linear(nn.Linear):
         """Whether a step of `rows` token rows should run this layer in the C stack: on tiles at any size; on the
         blocks for decode steps up to MAX_FUSED_DECODE_ROWS sequences, and for other steps only where the torch
         path multiplies by the blocks too (a prefill keeps the float weights' exact products)."""
-        if self.bf16_tiles is not None or self.int8_tiles is not None:
+        if self.bf16_tiles is not None or self.int8_tiles is not None or self.q4_tiles is not None:
             return True
         return self.quantized is not None and rows <= (MAX_FUSED_DECODE_ROWS if decode else self.max_quantized_rows)
 
@@ -92,11 +94,24 @@ class Linear(nn.Linear):
         self.int8_tiles = pack_int8(self.weight)
         self.weight = None
 
+    def store_weight_in_q4_tiles(self) -> bool:
+        """Multiply by the Q4 blocks regrouped for int8 inputs (kernels/q4_int8_matmul.c) at every row count, in place
+        of the float weight; False (nothing changed) where the blocks are not Q4_0/Q4_1 or the shape does not fit."""
+        if self.quantized is None or not q4_packable(self.quantized.qtype, self.out_features) \
+                or not (self.bias is None or self.bias.dtype == torch.float32):
+            return False
+        self.q4_tiles = pack_q4_tiles(self.quantized.qtype, self.quantized.blocks)
+        self.weight = None
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.numel() <= self.max_quantized_rows * x.shape[-1]:
             out = quant_matmul(self.quantized.qtype, x.reshape(-1, x.shape[-1]), self.quantized.blocks)
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
+        if self.q4_tiles is not None:
+            out = q4_int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.q4_tiles, self.bias)
+            return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if self.int8_tiles is not None:
             out = int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.int8_tiles, self.bias)
             return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)

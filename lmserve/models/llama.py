@@ -75,6 +75,10 @@ class LlamaForCausalLM(DecoderLM):
         super().store_linear_weights_in_int8(lm_head_dtype)
         self.fused_stack = llama_stack_spec(list(self.layers))
 
+    def store_linear_weights_in_q4_tiles(self) -> None:
+        super().store_linear_weights_in_q4_tiles()
+        self.fused_stack = llama_stack_spec(list(self.layers))
+
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
