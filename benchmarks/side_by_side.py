@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lmserve-args", default="--dtype auto --kv-cache-memory-gb 4",
                    help="engine options for lmserve (default: its own dtype choice, a 4 GiB KV cache like vLLM's)")
     p.add_argument("--lmserve-int8", action="store_true",
-                   help="also run lmserve with --quantization int8 (W1-W3; CPUs with AVX512-VNNI)")
+                   help="also run lmserve with --quantization int8 (W1-W3; AVX512-VNNI, or AVX2 on Q4 blocks)")
     p.add_argument("--vllm-dtype", default="bfloat16")
     p.add_argument("--hf-dtype", default="bfloat16")
     p.add_argument("--llamacpp-weights", default="q4_1", help="q4_1 and/or f16, comma-separated")

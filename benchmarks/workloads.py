@@ -149,6 +149,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
     import torch
 
+    from lmserve.kernels.int8_linear import has_int8_dot_product
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
     from lmserve.layers.linear import MAX_FUSED_DECODE_ROWS, MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
     from lmserve.loader import resolve_dtype
@@ -159,9 +160,12 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
 
     quantization, dtype_option = option("--quantization"), option("--dtype")
     dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
-    if quantization == "int8":
+    if quantization == "int8" and has_int8_dot_product():
         return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
                 f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
+    if quantization == "int8":
+        return (f"float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
+                f"{MAX_QUANTIZED_ROWS[torch.float32]} rows; KV float16")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"
