@@ -151,7 +151,12 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
 
     from lmserve.kernels.int8_linear import has_int8_dot_product
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
-    from lmserve.layers.linear import MAX_FUSED_DECODE_ROWS, MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
+    from lmserve.layers.linear import (
+        MAX_FUSED_DECODE_ROWS,
+        MAX_QUANTIZED_ROWS,
+        MAX_QUANTIZED_ROWS_OVER_TILES,
+        MAX_QUANTIZED_ROWS_WIDE,
+    )
     from lmserve.loader import resolve_dtype
     from lmserve.platform import has_fast_bf16
 
@@ -165,7 +170,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
                 f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
     if quantization == "int8":
         return (f"float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
-                f"{MAX_QUANTIZED_ROWS[torch.float32]} rows; KV float16")
+                f"{MAX_QUANTIZED_ROWS_WIDE} rows; KV float16")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"

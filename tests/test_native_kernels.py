@@ -28,7 +28,7 @@ from lmserve.kernels.native import (
 )
 from lmserve.layers.attention import AttentionMetadata, KVCache, _decode_attention, _gather_context
 from lmserve.layers.fused_layers import fused_llama_layers
-from lmserve.layers.linear import MAX_QUANTIZED_ROWS, Linear, QuantizedWeight
+from lmserve.layers.linear import MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_WIDE, WIDE_OUTPUTS, Linear, QuantizedWeight
 from lmserve.loader import load_model
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs an x86-64 CPU with AVX2 and a C compiler")
@@ -89,6 +89,16 @@ def test_linear_uses_blocks_for_few_rows_and_float_weight_for_many(float_dtype):
     got, expected = layer(few), F.linear(few, weight, layer.bias)
     assert not torch.equal(got, expected)  # really the kernel (int16 activations round differently)...
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4  # ...and right
+
+
+def test_a_wide_float32_linear_keeps_its_blocks_for_more_rows():
+    """An LM head's ~50k outputs: torch's float32 GEMM is slow there, so the blocks take up to 128 rows."""
+    head, narrow = Linear(64, WIDE_OUTPUTS, bias=False), Linear(64, 48)
+    for layer in (head, narrow):
+        layer.quantized = QuantizedWeight(TYPES["Q8_0"], torch.zeros(layer.out_features, 68, dtype=torch.uint8))
+    assert head.max_quantized_rows == MAX_QUANTIZED_ROWS_WIDE > narrow.max_quantized_rows
+    head.store_weight_in(torch.bfloat16)
+    assert head.max_quantized_rows <= MAX_QUANTIZED_ROWS[torch.bfloat16]
 
 
 @needs_kernels

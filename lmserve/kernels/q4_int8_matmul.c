@@ -24,7 +24,7 @@
 
 #define QK 32
 #define COLS 8
-#define ROWS 4 /* rows of x per pass over a column group's blocks: 4 float and 4 int16 sums stay in registers */
+#define ROWS 6 /* rows of x per pass over a column group's blocks: 6 float and 6 int16 sums stay in registers */
 
 /* One block of x to int8: q = round(x / scale), scale = max|x| / 127; also the sum of the rounded block, scale *
  * sum(q). That sum, not x's own, goes with the mins: a weight's m and its d * q then see the same rounded x, and
@@ -73,12 +73,13 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *quants, co
         for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(quants + b * 128 + 32 * j));
-            const __m256i low = _mm256_and_si256(w, nibble), high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
-            for (int r = 0; r < rows; r++) {
-                const int8_t *x = xq + r * K + b * QK + 4 * j;
-                sums[r] = _mm256_add_epi16(sums[r], _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(x)),
-                                                                     _mm256_maddubs_epi16(high, broadcast4(x + 16))));
-            }
+            const __m256i low = _mm256_and_si256(w, nibble);
+            for (int r = 0; r < rows; r++)
+                sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(low, broadcast4(xq + r * K + b * QK + 4 * j)));
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+            for (int r = 0; r < rows; r++)
+                sums[r] = _mm256_add_epi16(sums[r],
+                                           _mm256_maddubs_epi16(high, broadcast4(xq + r * K + b * QK + 16 + 4 * j)));
         }
         const __m256 db = _mm256_loadu_ps(d + b * COLS), mb = _mm256_loadu_ps(m + b * COLS);
         for (int r = 0; r < rows; r++) {
@@ -117,7 +118,9 @@ int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, 
             case 1: TILE(1); break;
             case 2: TILE(2); break;
             case 3: TILE(3); break;
-            default: TILE(4); break;
+            case 4: TILE(4); break;
+            case 5: TILE(5); break;
+            default: TILE(6); break;
             }
 #undef TILE
         }

@@ -31,6 +31,11 @@ from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_int8_matmul, q4_
 # the blocks, 0.047-0.055 on the tiles; at 2 rows the AMX tiles lead, 0.055 against 0.063).
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
 MAX_QUANTIZED_ROWS_OVER_TILES = 1
+# A wide product (an LM head's ~50k outputs) keeps the blocks up to more rows against float32: torch's GEMM runs at
+# about half its speed there (AVX2 EPYC, [49152, 576]: blocks 54 vs 66 ms at 64 rows, 76 vs 95 at 128, 236 vs 201
+# at 256).
+WIDE_OUTPUTS = 16384
+MAX_QUANTIZED_ROWS_WIDE = 128
 # Sequences up to which a decode step runs in the C stack on the blocks, whatever the row limit above: the whole
 # step, without torch's per-op work, beat torch's float32 GEMMs by 20% at 64 sequences and 16% at 128 (AVX2 EPYC,
 # `benchmarks/step_profile.py`).
@@ -56,6 +61,8 @@ class Linear(nn.Linear):
             return 0
         if self.bf16_tiles is not None or self.int8_tiles is not None:
             return MAX_QUANTIZED_ROWS_OVER_TILES
+        if self.weight.dtype == torch.float32 and self.out_features >= WIDE_OUTPUTS:
+            return MAX_QUANTIZED_ROWS_WIDE
         return MAX_QUANTIZED_ROWS.get(self.weight.dtype, 0)
 
     @property
