@@ -31,7 +31,8 @@ def _values(records: list[dict[str, Any]], key: str) -> list[float]:
     return [r["figures"][key] for r in records if r["figures"].get(key) is not None]
 
 
-def _git_rev(repo: Path) -> str:
+def git_rev(repo: Path) -> str:
+    """HEAD's short hash, marked when lmserve/ has uncommitted changes."""
     try:
         rev = subprocess.check_output(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], text=True).strip()
         dirty = subprocess.check_output(["git", "-C", str(repo), "status", "--porcelain", "--", "lmserve"], text=True)
@@ -40,7 +41,15 @@ def _git_rev(repo: Path) -> str:
         return "unknown"
 
 
-def _machine(anchors: Anchors, repo: Path) -> list[str]:
+def _lmserve_revs(runs: dict[str, dict[str, list[dict[str, Any]]]], repo: Path) -> str:
+    """The lmserve commits the runs were made at (each run records it), else the repository's now."""
+    revs = {r.get("lmserve_git") for by_engine in runs.values() for records in by_engine.values() for r in records}
+    if not revs or None in revs:
+        return f"{git_rev(repo)} (at the time of the report: not every run recorded its own)"
+    return ", ".join(sorted(revs))
+
+
+def _machine(anchors: Anchors, repo: Path, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     info = cpu_info()
     mem_gib = 0.0
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -51,7 +60,7 @@ def _machine(anchors: Anchors, repo: Path) -> list[str]:
     lines = ["## Machine and versions", "",
              f"- CPU: {info['cpu_model']}, {info['logical_cores']} logical cores, {mem_gib:.0f} GiB RAM; "
              f"matmul-relevant flags: {flags}" + (f" (no {', '.join(missing)})" if missing else ""),
-             f"- lmserve: git {_git_rev(repo)}; " + ", ".join(f"{k} {v}" for k, v in
+             f"- lmserve: git {_lmserve_revs(runs, repo)}; " + ", ".join(f"{k} {v}" for k, v in
                                                              versions("torch", "numpy").items() if v)]
     for name in ANCHORS:
         status = anchors.status(name)
@@ -141,7 +150,7 @@ def write_report(results: Path, out: Path, anchors: Anchors, args: Any) -> None:
               "engine in a repeat; a fresh seed each repeat), prefix caching off except `lmserve-cache` in W4. "
               "Each repeat runs every engine once, in turn (A B C A B C), so drift cancels; figures are median "
               "[min–max] over repeats. The client shares the 2 cores with the server.", ""]
-    lines += _machine(anchors, repo)
+    lines += _machine(anchors, repo, runs)
     for wname in WORKLOADS:
         if wname in runs:
             lines += _table(wname, runs[wname], plot_dir, plot_dir.name, args.smoke)

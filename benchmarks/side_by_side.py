@@ -29,7 +29,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from anchors import ANCHORS, Anchors  # noqa: E402
-from report import write_report  # noqa: E402
+from report import git_rev, write_report  # noqa: E402
 from servers import ServerPool, wait_for_quiet  # noqa: E402
 from workloads import ENGINES, WORKLOADS, Plan, normalise, plan_runs  # noqa: E402
 
@@ -92,7 +92,8 @@ def run_one(plan: Plan, args: argparse.Namespace, pool: ServerPool, anchors: Anc
     raw = json.loads(raw_path.read_text())
     record = {"workload": plan.workload.name, "engine": plan.label, "repeat": plan.repeat, "kind": plan.kind,
               "how": plan.how, "dtype": plan.dtype, "cpu_busy_before": busy, "started": started,
-              "wall_s": time.time() - started, "figures": normalise(plan.kind, raw), "raw_file": raw_path.name}
+              "wall_s": time.time() - started, "figures": normalise(plan.kind, raw), "raw_file": raw_path.name,
+              "lmserve_git": git_rev(REPO)}
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 

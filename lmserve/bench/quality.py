@@ -55,7 +55,8 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
     candidate = LLM(**shared)
     ppl, out = _score(candidate, text_ids, prompts, cfg.output_len)
     lm = candidate.engine.lm
-    linear_dtype = next(m.float_weight_dtype for m in lm.model.modules() if isinstance(m, Linear))
+    # a decoder layer's: the LM head may keep another form (int8 paths leave it alone)
+    linear_dtype = next(m.float_weight_dtype for m in lm.model.layers.modules() if isinstance(m, Linear))
     agreeing = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                 for x, y in zip(out, ref_out, strict=True)]
     return {
