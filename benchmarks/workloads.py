@@ -169,7 +169,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
         return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
                 f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
     if quantization == "int8":
-        return (f"float32; Q4_1 blocks x int8 inputs (per 16) at every row count, LM head Q8_0 blocks up to "
+        return (f"float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
                 f"{MAX_QUANTIZED_ROWS_WIDE} rows; KV float16")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype

@@ -62,7 +62,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not;
     "int8" multiplies in int8: on CPUs with AVX512-VNNI the decoder layers' weights and, as they are multiplied,
     their inputs are rounded to int8 per group of 64 (kernels/int8_matmul.c); with AVX2 only, a GGUF's Q4_0/Q4_1
-    blocks are multiplied as they are by inputs rounded to int8 per 16 (kernels/q4_int8_matmul.c).
+    blocks are multiplied as they are by inputs rounded to int8 per block of 32 (kernels/q4_int8_matmul.c).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
     linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively."""
     path = resolve_model_path(model)

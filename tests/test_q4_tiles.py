@@ -1,5 +1,5 @@
 """--quantization int8 with AVX2 only (kernels/q4_int8_matmul.c): a GGUF's Q4_0/Q4_1 blocks regrouped eight outputs
-at a time, multiplied by inputs rounded to int8 per 16 inputs. The product equals that integer arithmetic, a
+at a time, multiplied by inputs rounded to int8 per block of 32. The product equals that integer arithmetic, a
 Linear keeps the tiles instead of its float weight, the C stack runs on them like the torch layers, and an engine
 serves with them (the VNNI path is made unavailable, so these run on any AVX2 CPU)."""
 
@@ -32,19 +32,20 @@ def gguf_blocks(qtype: gguf.GGMLQuantizationType, weight: torch.Tensor) -> torch
 
 
 def q4_int8_reference(x: torch.Tensor, qtype: gguf.GGMLQuantizationType, raw: torch.Tensor) -> torch.Tensor:
-    """From the GGUF bytes: x rounded to int8 per 16 inputs (times 127 / max, to nearest even) by the weight's d * q
-    + m, summed in float64."""
+    """From the GGUF bytes: x rounded to int8 per block (times 127 / max, to nearest even) by the weight's d * q + m,
+    summed in float64."""
     rows, blocks = raw.shape[0], x.shape[1] // 32
     header = 4 if qtype == Q4_1 else 2
     b = raw.view(rows, blocks, header + 16)
     d = b[..., 0:2].contiguous().view(torch.float16).double().squeeze(-1)
     m = b[..., 2:4].contiguous().view(torch.float16).double().squeeze(-1) if qtype == Q4_1 else -8 * d
-    q = torch.stack([b[..., header:] & 15, b[..., header:] >> 4], -2).double()  # [rows, blocks, half, 16]
-    halves = x.reshape(x.shape[0], blocks, 2, 16)
-    scale = halves.abs().amax(-1) / 127
+    q = torch.cat([b[..., header:] & 15, b[..., header:] >> 4], -1).double()
+    xb = x.reshape(x.shape[0], blocks, 32)
+    scale = xb.abs().amax(-1) / 127
     inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    xq = (halves * inverse[..., None]).round().double() * scale.double()[..., None]  # the rounded x
-    return torch.einsum("mbhk,nbhk,nb->mn", xq, q, d) + torch.einsum("mbhk,nb->mn", xq, m)
+    xq = (xb * inverse[..., None]).round().double()
+    dots = torch.einsum("mbk,nbk->mnb", xq, q)
+    return ((dots * d + m * xq.sum(-1)[:, None, :]) * scale.double()[:, None, :]).sum(-1)
 
 
 @needs_kernels
@@ -113,7 +114,7 @@ def test_fused_stack_on_q4_tiles_matches_the_torch_layers(tmp_path, monkeypatch,
     assert model.lm_head.q4_tiles is None and model.lm_head.weight is not None  # the head keeps its path
     calls = []
     monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
-    # An int8 step is 1/127 of a half block's largest input (16 of them in this tiny model's 64-wide rows): one input
+    # An int8 step is 1/127 of a block's largest input (32 of them in this tiny model's 64-wide rows): one input
     # rounded the other way after a float-rounding difference upstream moves the output by ~1e-3 (a wrong layer: ~1).
     assert_fused_stack_matches_torch_layers(model, c, seqs, tolerance=5e-3)
     assert calls == [1, 1]

@@ -1,20 +1,19 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T for many rows of x with AVX2 only: W's GGUF Q4_0 / Q4_1 blocks regrouped eight
- * output columns at a time, x rounded to int8 per 16 inputs (llama.cpp rounds its activations per 32, to Q8).
+ * output columns at a time, x rounded to int8 per block of 32 (as llama.cpp rounds its activations to Q8).
  *
  * quant_matmul.c keeps a weight row's blocks together, so a vector's lanes are one output's partial sums: each
  * block of each (row, output) pair then needs its own conversion and FMA, and its int16 products do 16 multiplies
  * per instruction. Here a vector's lanes are eight outputs: one 32-byte load holds four inputs x eight outputs of
  * 4-bit weights twice (low and high nibbles), maddubs multiplies each half by four int8 inputs broadcast (32
  * multiplies per instruction), a block's eight products add up in int16 (at most 8 x 2 x 15 x 127 = 30480: none
- * saturates), and a madd, a conversion and an FMA per half block finish it for eight outputs.
+ * saturates), and one madd, one conversion and two FMAs finish the block for eight outputs.
  *
  * Layout (q4_tiles.pack_q4_tiles): quants uint8 [N / 8][K / 32][4][32], byte 4c + i of load j holding column c's
  * GGUF quant byte 4j + i (low nibble: input 4j + i of the block, high nibble: input 16 + 4j + i); scales d and mins
- * m float32 [N / 8][K / 32][8] (Q4_0 is Q4_1 with m = -8 d). A block adds, for each half h, d * xscale_h * (q_h .
- * xq_h), and m * xsum, xsum being the sum of xscale_h * sum(xq_h): the product of the rounded x by the dequantized
- * weight.
+ * m float32 [N / 8][K / 32][8] (Q4_0 is Q4_1 with m = -8 d). A block adds d * xscale * (q . xq) + m * xsum, xsum
+ * being xscale * sum(xq): the product of the rounded x by the dequantized weight.
  *
- * xq: int8 scratch [M, K]; xscale: float32 scratch [M, K / 16]; xsum: [M, K / 32].  y: float32 [M, N].
+ * xq: int8 scratch [M, K]; xscale, xsum: float32 scratch [M, K / 32].  y: float32 [M, N].
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -27,34 +26,32 @@
 #define COLS 8
 #define ROWS 6 /* rows of x per pass over a column group's blocks: 6 float and 6 int16 sums stay in registers */
 
-/* One block of x to int8, each half (the inputs a low or a high nibble meets) with its own scale: q = round(x /
- * scale), scale = max|x| / 127 over the 16 inputs. Halves rather than whole blocks because one outlier coarsens the
- * inputs beside it: against float32 on SmolLM2, emulated, KL 0.0126 -> 0.0069 and 93.9% -> 97.7% of greedy picks
- * kept, for one more conversion and FMA a block. Also the block's sum of rounded inputs, sum(scale * q): that sum,
- * not x's own, goes with the mins, so a weight's m and its d * q see the same rounded x and their rounding errors
- * cancel as in the product of the rounded x by the dequantized weight (with x's own sum the errors grow with q's
- * mean, ~7.5 steps, instead of its spread: twice the error on SmolLM2's layers). */
+/* One block of x to int8: q = round(x / scale), scale = max|x| / 127; also the sum of the rounded block, scale *
+ * sum(q). That sum, not x's own, goes with the mins: a weight's m and its d * q then see the same rounded x, and
+ * their rounding errors cancel as in the product of x rounded by the dequantized weight (with x's own sum, the
+ * errors grow with q's mean, ~7.5 steps, instead of its spread: twice the error on SmolLM2's layers). */
 static void quantize_block8(const float *x, int8_t *q, float *scale, float *sum) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.0f;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
     __m256i i32[4];
-    float total = 0.0f;
-    for (int h = 0; h < 2; h++) {
-        const __m256 v0 = _mm256_loadu_ps(x + 16 * h), v1 = _mm256_loadu_ps(x + 16 * h + 8);
-        const __m256 amax = _mm256_max_ps(_mm256_andnot_ps(sign_bit, v0), _mm256_andnot_ps(sign_bit, v1));
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float d = _mm_cvtss_f32(m) / 127.0f;
-        const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-        i32[2 * h] = _mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)); /* nearest, ties to even */
-        i32[2 * h + 1] = _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv));
-        total += d * horizontal_sum(_mm256_cvtepi32_ps(_mm256_add_epi32(i32[2 * h], i32[2 * h + 1])));
-        scale[h] = d;
+    for (int i = 0; i < 4; i++) {
+        i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* nearest, ties to even */
+        total = _mm256_add_ps(total, _mm256_cvtepi32_ps(i32[i]));
     }
     /* packs interleaves 128-bit lanes: after both packs the dwords are in order 0 2 4 6 1 3 5 7 */
     const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
     _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    *sum = total;
+    *scale = d;
+    *sum = d * horizontal_sum(total);
 }
 
 static inline __m256i broadcast4(const int8_t *p) {
@@ -72,25 +69,24 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *quants, co
     __m256 acc[ROWS];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
-        const __m256 db = _mm256_loadu_ps(d + b * COLS), mb = _mm256_loadu_ps(m + b * COLS);
-        for (int h = 0; h < 2; h++) { /* the low nibbles (inputs 0..15), then the high ones (16..31) */
-            __m256i sums[ROWS];
-            for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
-            for (int j = 0; j < 4; j++) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(quants + b * 128 + 32 * j));
-                const __m256i half = _mm256_and_si256(h ? _mm256_srli_epi16(w, 4) : w, nibble);
-                for (int r = 0; r < rows; r++)
-                    sums[r] = _mm256_add_epi16(
-                        sums[r], _mm256_maddubs_epi16(half, broadcast4(xq + r * K + b * QK + 16 * h + 4 * j)));
-            }
-            for (int r = 0; r < rows; r++) {
-                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
-                const __m256 dx = _mm256_mul_ps(db, _mm256_broadcast_ss(xscale + r * 2 * blocks + 2 * b + h));
-                acc[r] = _mm256_fmadd_ps(dot, dx, acc[r]);
-            }
+        __m256i sums[ROWS];
+        for (int r = 0; r < rows; r++) sums[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(quants + b * 128 + 32 * j));
+            const __m256i low = _mm256_and_si256(w, nibble);
+            for (int r = 0; r < rows; r++)
+                sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(low, broadcast4(xq + r * K + b * QK + 4 * j)));
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+            for (int r = 0; r < rows; r++)
+                sums[r] = _mm256_add_epi16(sums[r],
+                                           _mm256_maddubs_epi16(high, broadcast4(xq + r * K + b * QK + 16 + 4 * j)));
         }
-        for (int r = 0; r < rows; r++)
+        const __m256 db = _mm256_loadu_ps(d + b * COLS), mb = _mm256_loadu_ps(m + b * COLS);
+        for (int r = 0; r < rows; r++) {
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(db, _mm256_broadcast_ss(xscale + r * blocks + b)), acc[r]);
             acc[r] = _mm256_fmadd_ps(mb, _mm256_broadcast_ss(xsum + r * blocks + b), acc[r]);
+        }
     }
     const __m256 add = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
     for (int r = 0; r < rows; r++) {
@@ -100,7 +96,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *quants, co
     }
 }
 
-int64_t q4_int8_scratch_bytes(int64_t M, int64_t K) { return M * K + 3 * 4 * M * (K / QK); }
+int64_t q4_int8_scratch_bytes(int64_t M, int64_t K) { return M * K + 2 * 4 * M * (K / QK); }
 
 /* Returns 0, or -1 for shapes it does not take (K not a multiple of 32, N not of 8, epilogue SILU_MUL). */
 int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
@@ -108,15 +104,15 @@ int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, 
     if (K % QK || N % COLS || (epilogue != STORE && epilogue != ACCUMULATE)) return -1;
     const int64_t blocks = K / QK;
     int8_t *xq = (int8_t *)scratch;
-    float *xscale = (float *)(scratch + M * K), *xsum = xscale + 2 * M * blocks;
+    float *xscale = (float *)(scratch + M * K), *xsum = xscale + M * blocks;
 #pragma omp parallel for if (M * blocks >= 64)
-    for (int64_t i = 0; i < M * blocks; i++) quantize_block8(x + i * QK, xq + i * QK, xscale + 2 * i, xsum + i);
+    for (int64_t i = 0; i < M * blocks; i++) quantize_block8(x + i * QK, xq + i * QK, xscale + i, xsum + i);
 #pragma omp parallel for schedule(guided)
     for (int64_t g = 0; g < N / COLS; g++) {
         const uint8_t *q = quants + g * blocks * 128;
         const float *dg = d + g * blocks * COLS, *mg = m + g * blocks * COLS, *bg = bias ? bias + g * COLS : NULL;
         for (int64_t r = 0; r < M; r += ROWS) {
-#define TILE(rows) tile(q, dg, mg, blocks, xq + r * K, xscale + 2 * r * blocks, xsum + r * blocks, K, rows, bg, \
+#define TILE(rows) tile(q, dg, mg, blocks, xq + r * K, xscale + r * blocks, xsum + r * blocks, K, rows, bg, \
                         y + r * N + g * COLS, N, epilogue)
             switch (M - r < ROWS ? M - r : ROWS) {
             case 1: TILE(1); break;

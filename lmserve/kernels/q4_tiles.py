@@ -1,5 +1,5 @@
 """A GGUF's Q4_0 / Q4_1 blocks regrouped eight outputs at a time, for products of many rows with AVX2 only
-(kernels/q4_int8_matmul.c): the weights as the file holds them, the inputs rounded to int8 per 16 (half a block)."""
+(kernels/q4_int8_matmul.c): the weights as the file holds them, the inputs rounded to int8 per block of 32."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def pack_q4_tiles(qtype: int, blocks: torch.Tensor) -> Q4Tiles:
 
 def q4_int8_matmul(x: torch.Tensor, tiles: Q4Tiles, bias: torch.Tensor | None = None,
                    epilogue: Epilogue = Epilogue.STORE, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] float32 @ W.T (+ bias), x rounded to int8 per row and 16 inputs: [M, N] float32 (with
+    """x [M, K] float32 @ W.T (+ bias), x rounded to int8 per row and block of 32: [M, N] float32 (with
     ACCUMULATE, added into `out`, which is returned)."""
     lib = _required_library()
     x = x.contiguous()
