@@ -40,3 +40,21 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert all(b.ref_count == 0 for b in blocks)
     # the running count of free blocks that hold a cached prefix agrees with a recount
     assert stats.kv_blocks_cached_free == sum(b.block_hash is not None for b in blocks)
+
+
+def assert_int8_serves_close_to_float32(gguf_path: str) -> None:
+    """An engine on `gguf_path` with --quantization int8 against one with float weights only: prompt log-probs
+    close (int8 rounding, so not equal) and every KV block freed after each generate."""
+    from lmserve.sampling_params import SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(5 + i, 30 + 3 * i))} for i in range(6)]
+    scored = SamplingParams(max_tokens=4, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for quantization in ("none", "int8"):
+        llm = LLM(model=gguf_path, quantization=quantization, dtype="float32")
+        outputs = llm.generate(prompts, scored, use_tqdm=False)
+        assert_all_blocks_free(llm)
+        runs[quantization] = [[next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]] for o in outputs]
+    reference, int8 = (torch.tensor(sum(runs[q], [])) for q in ("none", "int8"))
+    assert not torch.equal(reference, int8)
+    assert ((int8 - reference).norm() / reference.norm()).item() < 0.05

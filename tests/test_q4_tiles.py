@@ -8,7 +8,7 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-from engine_helpers import assert_all_blocks_free
+from engine_helpers import assert_int8_serves_close_to_float32
 from gguf_export import export_gguf
 from model_helpers import assert_fused_stack_matches_torch_layers
 from tiny_models import ALL_CONFIGS, make_tiny_model
@@ -19,9 +19,7 @@ from lmserve.kernels.native import Epilogue, kernels_available, pack_blocks
 from lmserve.kernels.q4_tiles import pack_q4_tiles, q4_int8_matmul
 from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import Linear, QuantizedWeight
-from lmserve.llm import LLM
 from lmserve.loader import load_model
-from lmserve.sampling_params import SamplingParams
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs lmserve's CPU kernels (AVX2)")
 Q4_1, Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
@@ -125,17 +123,7 @@ def test_engine_serves_q4_int8_close_to_float32_and_frees_its_blocks(tmp_path, m
     monkeypatch.setattr(loader, "has_int8_dot_product", lambda: False)
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
-    prompts = [{"prompt_token_ids": list(range(5 + i, 30 + 3 * i))} for i in range(6)]
-    scored = SamplingParams(max_tokens=4, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
-    runs = {}
-    for quantization in ("none", "int8"):
-        llm = LLM(model=str(tmp_path / "tiny.gguf"), quantization=quantization, dtype="float32")
-        outputs = llm.generate(prompts, scored, use_tqdm=False)
-        assert_all_blocks_free(llm)
-        runs[quantization] = [[next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]] for o in outputs]
-    reference, int8 = (torch.tensor(sum(runs[q], [])) for q in ("none", "int8"))
-    assert not torch.equal(reference, int8)
-    assert ((int8 - reference).norm() / reference.norm()).item() < 0.05
+    assert_int8_serves_close_to_float32(str(tmp_path / "tiny.gguf"))
 
 
 def test_int8_without_vnni_is_refused_for_weights_without_q4_blocks(tmp_path, monkeypatch):

@@ -38,10 +38,7 @@ static void quantize_block(const float *x, int16_t *q, float *scale, float *sum)
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v[i]));
         total = _mm256_add_ps(total, v[i]);
     }
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    const float d = _mm_cvtss_f32(m) / 32767.0f;
+    const float d = horizontal_max(amax) / 32767.0f;
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
     __m256i i32[4];
     for (int i = 0; i < 4; i++)
