@@ -32,8 +32,8 @@ from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_int8_matmul, q4_
 MAX_QUANTIZED_ROWS = {torch.float32: 32, torch.bfloat16: 8}
 MAX_QUANTIZED_ROWS_OVER_TILES = 1
 # A wide product (an LM head's ~50k outputs) keeps the blocks up to more rows against float32: torch's GEMM runs at
-# about half its speed there (AVX2 EPYC, [49152, 576]: blocks 54 vs 66 ms at 64 rows, 76 vs 95 at 128, 236 vs 201
-# at 256).
+# about half its speed there (AVX2 EPYC, `benchmarks/linear_crossover.py --only lm_head`, Q8_0 blocks vs float32:
+# 50 vs 74 ms at 64 rows, 90 vs 102 at 128, and at 256 173 vs 194 in one run, 236 vs 201 in another).
 WIDE_OUTPUTS = 16384
 MAX_QUANTIZED_ROWS_WIDE = 128
 # Sequences up to which a decode step runs in the C stack on the blocks, whatever the row limit above: the whole
