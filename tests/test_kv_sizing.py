@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from lmserve.config import ModelConfig
 from lmserve.engine import config as engine_config
 from lmserve.engine.config import EngineConfig, choose_num_blocks, kv_bytes_per_token
 from lmserve.kernels.native import kernels_available
+from lmserve.layers.attention import KVCache
 
 MODEL = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
                              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -71,3 +73,22 @@ def test_step_token_budget_defaults_by_device_and_can_be_set():
     assert EngineConfig(max_num_batched_tokens=4096).max_num_batched_tokens == 4096
     with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 1"):
         EngineConfig(max_num_batched_tokens=0)
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_pool_is_resident_only_where_written(dtype):
+    """A 1 GiB pool (K and V) costs no resident memory until blocks are written, and reads as zeros."""
+    before = resident_mib()
+    cache = KVCache.allocate(2, (1 << 29) // (4 * 64 * dtype.itemsize * 16), 16, 4, 64, dtype, "cpu")
+    assert cache.k.dtype == dtype and cache.k.shape == cache.v.shape and cache.k.is_contiguous()
+    assert resident_mib() - before < 32
+    cache.k[0, :16 * 1024] = 1.0  # 1024 blocks of layer 0's K
+    written = 16 * 1024 * 4 * 64 * dtype.itemsize / (1 << 20)
+    assert written - 8 < resident_mib() - before < written + 40
+    assert cache.k[1].abs().max() == 0 and cache.v.abs().max() == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +33,16 @@ class KVCache:
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> KVCache:
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                   block_size)
+        return cls(_zeros(shape, dtype, device), _zeros(shape, dtype, device), block_size)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros; on the CPU from calloc (numpy), whose pages the OS maps only when first written, so a server's resident
+    memory grows with the blocks in use instead of the whole pool at start (torch.zeros writes every page)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    same_width = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[dtype.itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=same_width)).view(dtype)
 
 
 @dataclass
