@@ -64,7 +64,9 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     their inputs are rounded to int8 per group of 64 (kernels/int8_matmul.c); with AVX2 only, a GGUF's Q4_0/Q4_1
     blocks are multiplied as they are by inputs rounded to int8 per block of 32 (kernels/q4_int8_matmul.c).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
-    linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively."""
+    linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively; elsewhere
+    its decoder layers' Q4_0/Q4_1 blocks take every product, by inputs rounded to int16 (kernels/q4_int16_matmul.c),
+    and their float copy is dropped."""
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -91,11 +93,13 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
                                   if isinstance(m, Linear) and m.quantized is not None}))
         if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
+        elif quantized and quantization == "auto":
+            module.store_linear_weights_in_q4_tiles(16)  # Q4 blocks by int16 inputs beat float32 GEMMs at any size
     if quantization == "int8" and has_int8_dot_product():
         module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
         quantized = (*quantized, "int8")
     elif quantization == "int8":
-        module.store_linear_weights_in_q4_tiles()  # AVX2 only: the file's Q4 blocks by int8 inputs
+        module.store_linear_weights_in_q4_tiles(8)  # AVX2 only: the file's Q4 blocks by int8 inputs
         quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 

@@ -11,6 +11,7 @@ from gguf_export import export_gguf
 from model_helpers import assert_fused_stack_matches_torch_layers
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
+import lmserve.loader as loader
 import lmserve.models.llama as llama
 from lmserve.kernels.native import (
     Bf16Kernel,
@@ -78,7 +79,7 @@ def test_linear_stored_in_bf16_keeps_tiles_and_runs_on_them():
     layer = Linear(64, 48)
     expected_weight = layer.weight.detach().to(torch.bfloat16).float()
     layer.store_weight_in(torch.bfloat16)
-    assert layer.weight is None and layer.bf16_tiles is not None and layer.float_weight_dtype == torch.bfloat16
+    assert layer.weight is None and layer.bf16_tiles is not None and layer.weight_form == "bfloat16 tiles"
     assert layer.runs_natively(1) and layer.runs_natively(1000)
     x = torch.randn(2, 3, 64)
     out = layer(x)
@@ -96,14 +97,15 @@ def test_fused_stack_on_tiles_matches_the_torch_layers(tmp_path, monkeypatch, so
     """The C stack on tiles (and, for one row, the GGUF blocks) against the same model's torch layers, in a prefill
     and a decode step."""
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
-    path = tmp_path / "hf"
-    if source == "gguf-q4_1":
+    if source == "gguf-q4_1":  # the blocks and bf16 tiles that the default loads where the CPU has native bf16
         export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q4_1")
-        path = tmp_path / "tiny.gguf"
-    lm = load_model(str(path), dtype="float32")
-    model, c = lm.model, lm.config
-    model.store_linear_weights_in(torch.bfloat16)
-    assert model.fused_stack is not None
+        monkeypatch.setattr(loader, "has_fast_bf16", lambda device: True)
+        model = load_model(str(tmp_path / "tiny.gguf")).model
+    else:
+        model = load_model(str(tmp_path / "hf"), dtype="float32").model
+        model.store_linear_weights_in(torch.bfloat16)
+    c = model.config
+    assert model.fused_stack is not None and model.layers[0].mlp.down_proj.bf16_tiles is not None
     calls = []
     monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
     assert_fused_stack_matches_torch_layers(model, c, seqs)

@@ -90,7 +90,7 @@ def test_linear_stored_in_int8_keeps_tiles_and_runs_on_them():
     layer = Linear(128, 48)
     weight = layer.weight.detach().clone()
     layer.store_weight_in_int8()
-    assert layer.weight is None and layer.float_weight_dtype == torch.int8 and layer.runs_natively(1000)
+    assert layer.weight is None and layer.weight_form == "int8 tiles" and layer.runs_natively(1000)
     x = torch.randn(2, 3, 128)
     out = layer(x)
     assert out.shape == (2, 3, 48)

@@ -61,9 +61,10 @@ def test_logits_match_transformers_gguf_loader(reference, prompt_ids, llm):
     for ids, logits in zip(prompt_ids, ours, strict=True):
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0]
-        # The LM head multiplies up to 128 rows on its Q8_0 blocks with int16-rounded inputs (~1e-5 relative),
-        # which over 49152 logits of magnitude ~15 reaches ~1e-3; a wrong product is off by whole units.
-        assert (logits - expected).abs().max().item() < 3e-3
+        # Every product rounds its inputs to int16 per block of 32 (~6e-5 of a product's norm on these layers):
+        # through 30 layers and over 49152 logits of magnitude ~15 that reaches ~0.02; a wrong product is off by
+        # whole units.
+        assert (logits - expected).abs().max().item() < 0.05
 
 
 def test_engine_greedy_with_chunked_prefill_matches(llm, prompt_ids, reference_greedy):
@@ -124,6 +125,7 @@ def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path, kv_c
     if kernels_available():
         assert result["candidate"]["quantized_types"] == ["Q4_1", "Q8_0"]
     assert result["text_tokens"] == 256
-    # blocks alone: float noise; with bf16 linear weights (bf16 CPUs): the bf16 bound
-    assert abs(result["perplexity_delta_pct"]) < (1.0 if result["candidate"]["linear_weights"] == "bfloat16" else 0.1)
+    # blocks by int16 inputs: float noise; with bf16 linear weights (bf16 CPUs): the bf16 bound
+    bf16 = result["candidate"]["linear_weights"].startswith("bfloat16")
+    assert abs(result["perplexity_delta_pct"]) < (1.0 if bf16 else 0.1)
     assert result["greedy_agreeing_prefix"] >= 0.9

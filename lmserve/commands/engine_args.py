@@ -20,11 +20,12 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
                         help="auto: bfloat16 on hardware with fast bf16 (AVX512-BF16, AMX, recent GPUs), else float32 "
                              "(and float32 for a GGUF whose Q4_0/Q4_1/Q8_0 blocks the CPU kernels read)")
     parser.add_argument("--quantization", default=None, choices=["auto", "none", "int8"],
-                        help="auto (default): decode steps use a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 "
-                             "kernels, prefill the float weights; none: float weights only; int8: the decoder "
-                             "layers' products in int8 (CPUs with AVX512-VNNI: weights and inputs rounded per group "
-                             "of 64; AVX2 only: a GGUF's Q4_0/Q4_1 blocks as they are, inputs rounded per block of "
-                             "32, like llama.cpp; lossy, see `lmserve bench quality --quantization int8`)")
+                        help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 kernels, "
+                             "inputs rounded to int16 (float32 within ~1e-5): Q4 blocks for every product where "
+                             "the float weights stay float32, else for decode; none: float weights only; int8: "
+                             "the decoder layers' products in int8 (CPUs with AVX512-VNNI: weights and inputs "
+                             "rounded per group of 64; AVX2 only: a GGUF's Q4_0/Q4_1 blocks as they are, inputs "
+                             "rounded per block of 32, like llama.cpp; lossy, see `lmserve bench quality --quantization int8`)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                         help="dtype the KV cache stores (default auto: the activations'); float16 under float32 "
                              "activations halves the cache's memory and what decode attention reads")

@@ -39,10 +39,12 @@ int int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const flo
                 int64_t N, const float *bias, float *y, int64_t y_stride, uint8_t *xq, int epilogue);
 int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
                    int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
+int q4_int16_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
+                    int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
 
-/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c), int8 (int8_matmul.c) or Q4 for int8
- * inputs (q4_int8_matmul.c) -- or blocks and tiles; the blocks take products of up to max_block_rows rows, the
- * tiles the rest. */
+/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c), int8 (int8_matmul.c) or Q4 for int16
+ * or int8 inputs (q4_int16_matmul.c, q4_int8_matmul.c) -- or blocks and tiles; the blocks take products of up to
+ * max_block_rows rows, the tiles the rest. */
 typedef struct {
     int qtype;                 /* ggml type of the blocks */
     const uint8_t *blocks;     /* NULL when the layer has none */
@@ -54,6 +56,7 @@ typedef struct {
     const int32_t *int8_offsets;
     const uint8_t *q4_quants;  /* NULL when the layer has none; with their scales and mins */
     const float *q4_scales, *q4_mins;
+    int q4_input_bits;         /* 16 or 8 */
 } NativeLinear;
 
 typedef struct {
@@ -155,6 +158,9 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
         if (accumulate) add_into(y, delta, M, N);
         return 0;
     }
+    if (W->q4_quants && W->q4_input_bits == 16) /* its scratch: xscale, xsum and xq, which follow each other */
+        return q4_int16_matmul(x, M, K, W->q4_quants, W->q4_scales, W->q4_mins, N, W->bias, y, (uint8_t *)s->xscale,
+                               accumulate ? ACCUMULATE : STORE);
     if (W->q4_quants)
         return q4_int8_matmul(x, M, K, W->q4_quants, W->q4_scales, W->q4_mins, N, W->bias, y, (uint8_t *)s->xq,
                               accumulate ? ACCUMULATE : STORE);

@@ -51,6 +51,13 @@ static void quantize_block(const float *x, int16_t *q, float *scale, float *sum)
     *sum = horizontal_sum(total);
 }
 
+/* `count` consecutive blocks of x (rows of x back to back) to int16 with their scales and sums; also for
+ * q4_int16_matmul.c, whose products keep this rounding. */
+void quantize_int16(const float *x, int64_t count, int16_t *xq, float *xscale, float *xsum) {
+#pragma omp parallel for if (count >= 256)
+    for (int64_t i = 0; i < count; i++) quantize_block(x + i * QK, xq + i * QK, xscale + i, xsum + i);
+}
+
 #define MAX_BLOCKS 256 /* blocks of a row whose scales are prepared at once (K <= 8192 in one pass) */
 
 /* A block's 32 quants as two vectors of 16 int16 (elements 0..15, 16..31). A Q4 byte i holds quants i (low
@@ -191,7 +198,7 @@ int quant_matmul(int qtype, const float *x, int64_t M, int64_t K, const uint8_t 
     if (tile == NULL || K % QK != 0) return -1;
     const int64_t blocks = K / QK;
     const int64_t row_bytes = blocks * block_bytes(qtype);
-    for (int64_t i = 0; i < M * blocks; i++) quantize_block(x + i * QK, xq + i * QK, xscale + i, xsum + i);
+    quantize_int16(x, M * blocks, xq, xscale, xsum);
 #pragma omp parallel for schedule(guided)
     for (int64_t n = 0; n < N; n += COLS)
         for (int64_t m = 0; m < M; m += ROWS)

@@ -39,7 +39,7 @@ def _linear_spec(linear: Linear) -> NativeLinearSpec:
     q4_parts = (None, None, None) if q4 is None else (q4.quants, q4.scales, q4.mins)
     return NativeLinearSpec(0 if blocks is None else blocks.qtype, _pointer(blocks and blocks.blocks),
                             _pointer(linear.bf16_tiles), linear.max_quantized_rows, _pointer(linear.bias),
-                            *map(_pointer, int8_parts), *map(_pointer, q4_parts))
+                            *map(_pointer, int8_parts), *map(_pointer, q4_parts), 0 if q4 is None else q4.input_bits)
 
 
 def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.kernels.int8_linear import Int8Tiles, has_int8_dot_product, int8_matmul, int8_packable, pack_int8
 from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, quant_matmul
-from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_int8_matmul, q4_packable
+from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_matmul, q4_packable
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
 # shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
@@ -52,7 +53,7 @@ class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
     bf16_tiles: torch.Tensor | None = None  # the weight in native.pack_bf16's layout; `weight` is None then
     int8_tiles: Int8Tiles | None = None     # the weight rounded to int8 (--quantization int8); `weight` is None then
-    q4_tiles: Q4Tiles | None = None         # the Q4 blocks regrouped for int8 inputs (AVX2 CPUs); `weight` is None then
+    q4_tiles: Q4Tiles | None = None         # the Q4 blocks regrouped for int16 or int8 inputs; `weight` is None then
 
     @property
     def max_quantized_rows(self) -> int:
@@ -66,10 +67,13 @@ class Linear(nn.Linear):
         return MAX_QUANTIZED_ROWS.get(self.weight.dtype, 0)
 
     @property
-    def float_weight_dtype(self) -> torch.dtype:
-        if self.int8_tiles is not None or self.q4_tiles is not None:
-            return torch.int8
-        return torch.bfloat16 if self.bf16_tiles is not None else self.weight.dtype
+    def weight_form(self) -> str:
+        """What the products multiply by, for reports: "float32", "bfloat16 tiles", "Q4_1 x int16 inputs", ..."""
+        if self.q4_tiles is not None:
+            return f"{gguf.GGMLQuantizationType(self.quantized.qtype).name} x int{self.q4_tiles.input_bits} inputs"
+        if self.int8_tiles is not None:
+            return "int8 tiles"
+        return "bfloat16 tiles" if self.bf16_tiles is not None else str(self.weight.dtype).removeprefix("torch.")
 
     def runs_natively(self, rows: int, decode: bool = True) -> bool:
         """Whether a step of `rows` token rows should run this layer in the C stack: on tiles at any size; on the
@@ -101,13 +105,14 @@ class Linear(nn.Linear):
         self.int8_tiles = pack_int8(self.weight)
         self.weight = None
 
-    def store_weight_in_q4_tiles(self) -> bool:
-        """Multiply by the Q4 blocks regrouped for int8 inputs (kernels/q4_int8_matmul.c) at every row count, in place
-        of the float weight; False (nothing changed) where the blocks are not Q4_0/Q4_1 or the shape does not fit."""
+    def store_weight_in_q4_tiles(self, input_bits: int) -> bool:
+        """Multiply by the Q4 blocks regrouped for inputs rounded to `input_bits` (kernels/q4_int16_matmul.c,
+        q4_int8_matmul.c) at every row count, in place of the float weight; False (nothing changed) where the blocks
+        are not Q4_0/Q4_1 or the shape does not fit."""
         if self.quantized is None or not q4_packable(self.quantized.qtype, self.out_features) \
                 or not (self.bias is None or self.bias.dtype == torch.float32):
             return False
-        self.q4_tiles = pack_q4_tiles(self.quantized.qtype, self.quantized.blocks)
+        self.q4_tiles = pack_q4_tiles(self.quantized.qtype, self.quantized.blocks, input_bits)
         self.weight = None
         return True
 
@@ -117,7 +122,7 @@ class Linear(nn.Linear):
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
         if self.q4_tiles is not None:
-            out = q4_int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.q4_tiles, self.bias)
+            out = q4_matmul(x.reshape(-1, x.shape[-1]).float(), self.q4_tiles, self.bias)
             return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if self.int8_tiles is not None:
             out = int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.int8_tiles, self.bias)
