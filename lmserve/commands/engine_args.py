@@ -25,7 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
                              "the float weights stay float32, else for decode; none: float weights only; int8: "
                              "the decoder layers' products in int8 (CPUs with AVX512-VNNI: weights and inputs "
                              "rounded per group of 64; AVX2 only: a GGUF's Q4_0/Q4_1 blocks as they are, inputs "
-                             "rounded per block of 32, like llama.cpp; lossy, see `lmserve bench quality --quantization int8`)")
+                             "rounded per block of 32, like llama.cpp; lossy, see `lmserve bench quality "
+                             "--quantization int8`)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                         help="dtype the KV cache stores (default auto: the activations'); float16 under float32 "
                              "activations halves the cache's memory and what decode attention reads")
