@@ -152,8 +152,6 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     from lmserve.kernels.int8_linear import has_int8_dot_product
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
     from lmserve.layers.linear import (
-        MAX_FUSED_DECODE_ROWS,
-        MAX_QUANTIZED_ROWS,
         MAX_QUANTIZED_ROWS_OVER_TILES,
         MAX_QUANTIZED_ROWS_WIDE,
     )
@@ -177,8 +175,8 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
         tiles = f"bf16 tiles ({best_bf16_kernel().name})"
         return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, {tiles} above; KV {kv}"
-    return (f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS[torch.float32]} rows (decode steps: "
-            f"{MAX_FUSED_DECODE_ROWS} sequences); KV {kv}")
+    return (f"float32; Q4_1 blocks x int16 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
+            f"{MAX_QUANTIZED_ROWS_WIDE} rows; KV {kv}")
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:
