@@ -94,7 +94,7 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
         elif quantized and quantization == "auto":
-            module.store_linear_weights_in_q4_tiles(16)  # Q4 blocks by int16 inputs beat float32 GEMMs at any size
+            module.store_linear_weights_in_q4_tiles(16)  # with the C stack: W1 1.2x the blocks + float32 GEMMs
     if quantization == "int8" and has_int8_dot_product():
         module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
         quantized = (*quantized, "int8")

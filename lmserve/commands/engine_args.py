@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
                              "(and float32 for a GGUF whose Q4_0/Q4_1/Q8_0 blocks the CPU kernels read)")
     parser.add_argument("--quantization", default=None, choices=["auto", "none", "int8"],
                         help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 kernels, "
-                             "inputs rounded to int16 (float32 within ~1e-5): Q4 blocks for every product where "
+                             "inputs rounded to int16 (float32 within ~1e-4): Q4 blocks for every product where "
                              "the float weights stay float32, else for decode; none: float weights only; int8: "
                              "the decoder layers' products in int8 (CPUs with AVX512-VNNI: weights and inputs "
                              "rounded per group of 64; AVX2 only: a GGUF's Q4_0/Q4_1 blocks as they are, inputs "

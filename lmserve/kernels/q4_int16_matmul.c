@@ -1,13 +1,14 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T with AVX2 only: W's GGUF Q4_0 / Q4_1 blocks regrouped eight output columns at a
- * time, x rounded to int16 per block of 32 as quant_matmul.c rounds it (within ~1e-5 of float32: the default path).
+ * time, x rounded to int16 per block of 32 as quant_matmul.c rounds it (the default path: a product within ~1e-4 of
+ * float32's, by norm, on SmolLM2's layers).
  *
  * quant_matmul.c keeps a weight row's blocks together, so each block of each (row, output) pair needs its own
  * 4-bit unpacking, conversion and FMA. Here a vector's lanes are eight outputs (as in q4_int8_matmul.c): one 16-byte
  * load, widened to int16, holds two inputs x eight outputs of 4-bit weights twice (low and high nibbles), each
  * half a madd against two int16 inputs broadcast (16 multiplies per instruction, int32 sums: at most 16 x 2 x 15 x
  * 32767 within a block), and one conversion and two FMAs finish a block for eight outputs. The unpacking serves
- * ROWS rows of x. About twice quant_matmul.c's speed from 1 to 256 rows on SmolLM2's shapes, and a little ahead of
- * torch's float32 GEMM at prefill's 1024 (benchmarks/linear_crossover.py).
+ * ROWS rows of x. On SmolLM2's shapes (AVX2 EPYC, benchmarks/linear_crossover.py) 1.2-1.5x quant_matmul.c's speed
+ * from 1 to 1024 rows; against torch's float32 GEMM faster up to 64 rows and about even at 256-1024.
  *
  * Layout (q4_tiles.pack_q4_tiles, 16-bit inputs): quants uint8 [N / 8][K / 32][8][16], byte 2c + e of load v
  * holding column c's GGUF quant byte 2v + e (low nibble: input 2v + e of the block, high nibble: input 16 + 2v +

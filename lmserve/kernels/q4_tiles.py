@@ -1,6 +1,6 @@
 """A GGUF's Q4_0 / Q4_1 blocks regrouped eight outputs at a time, for products with AVX2 only: the weights as the
 file holds them, the inputs rounded per block of 32 to int16 (kernels/q4_int16_matmul.c: float32's results within
-~1e-5, the default) or to int8 (kernels/q4_int8_matmul.c: --quantization int8, as llama.cpp rounds them)."""
+~1e-4, the default) or to int8 (kernels/q4_int8_matmul.c: --quantization int8, as llama.cpp rounds them)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class DecoderLM(nn.Module):
 
     def store_linear_weights_in_q4_tiles(self, input_bits: int) -> None:
         """Multiply the decoder layers' linears holding Q4_0/Q4_1 blocks by them at every row count, with inputs
-        rounded to `input_bits` (16: float32's results within ~1e-5; 8: --quantization int8); their float weights
+        rounded to `input_bits` (16: float32's results within ~1e-4; 8: --quantization int8); their float weights
         are dropped. The LM head keeps its path."""
         for module in self.modules():
             if isinstance(module, Linear) and module is not self.lm_head:
