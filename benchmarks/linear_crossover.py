@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Where the block kernels stop beating torch's GEMM: one linear of SmolLM2's shapes, x [rows, in] @ W.T, timed on
-the GGUF blocks (quant_matmul.c, int16 inputs), the Q4_1 blocks regrouped for int16 inputs (kernels/
-q4_int16_matmul.c, the default where float weights stay float32) and for int8 inputs (kernels/q4_int8_matmul.c,
---quantization int8 with AVX2 only), a float32 weight, a bf16 weight in torch (float32 activations
-cast in and out) and a bf16 weight in lmserve's tiles (kernels/bf16_matmul.c, which lmserve's Linear uses for
-bf16). The LM head's blocks are Q8_0, as in SmolLM2's GGUF. Sets MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
+the GGUF blocks (quant_matmul.c, int16 inputs), the blocks regrouped for int16 inputs (kernels/
+tiles_int16_matmul.c, the default where float weights stay float32) and, Q4_1 only, for int8 inputs
+(kernels/q4_int8_matmul.c, --quantization int8 with AVX2 only), a float32 weight, a bf16 weight in torch
+(float32 activations cast in and out) and a bf16 weight in lmserve's tiles (kernels/bf16_matmul.c)
+. The LM head's blocks are Q8_0, as in SmolLM2's GGUF. Sets MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
 and MAX_QUANTIZED_ROWS_WIDE in lmserve/layers/linear.py.
 
   .venv/bin/python benchmarks/linear_crossover.py --rows 1 4 8 16 32 64
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmserve.kernels.block_tiles import block_tiles_matmul, pack_block_tiles, tiles_packable
 from lmserve.kernels.native import bf16_matmul, pack_bf16, pack_blocks, quant_matmul
-from lmserve.kernels.q4_tiles import pack_q4_tiles, q4_matmul
 
 Q4_1, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
 SHAPES = {"qkv": (960, 576, Q4_1), "o": (576, 576, Q4_1), "gate_up": (3072, 576, Q4_1), "down": (576, 1536, Q4_1),
@@ -52,20 +52,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--only", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     args = p.parse_args()
-    print("| linear | rows | blocks (int16 inputs) ms | Q4_1 x int16 inputs ms | Q4_1 x int8 inputs ms | float32 ms | "
-          "bf16 (torch) ms | bf16 tiles ms |")
+    print("| linear | rows | blocks (int16 inputs) ms | tiles x int16 inputs ms | tiles x int8 inputs ms | "
+          "float32 ms | bf16 (torch) ms | bf16 tiles ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.only:
         out_features, in_features, qtype = SHAPES[name]
         weight = np.random.default_rng(0).standard_normal((out_features, in_features)).astype(np.float32)
         blocks = pack_blocks(int(qtype), torch.from_numpy(gguf.quants.quantize(weight, qtype)))
-        q4_tiles = [pack_q4_tiles(int(qtype), blocks, bits) if qtype == Q4_1 else None for bits in (16, 8)]
+        tiles_by_bits = [pack_block_tiles(int(qtype), blocks, bits) if tiles_packable(int(qtype), out_features, bits)
+                         else None for bits in (16, 8)]
         w32 = torch.from_numpy(weight)
         w16, tiles = w32.bfloat16(), pack_bf16(w32)
         for rows in args.rows:
             x = torch.randn(rows, in_features)
             products = (partial(quant_matmul, int(qtype), x, blocks),
-                        *(None if q4 is None else partial(q4_matmul, x, q4) for q4 in q4_tiles),
+                        *(None if t is None else partial(block_tiles_matmul, x, t) for t in tiles_by_bits),
                         partial(F.linear, x, w32), partial(bf16_linear, x, w16), partial(bf16_matmul, x, tiles))
             timings = [None if fn is None else median_ms(fn, args.repeats) for fn in products]
             print(f"| {name} | {rows} | " + " | ".join("–" if t is None else f"{t:.3f}" for t in timings) + " |",

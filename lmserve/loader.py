@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.kernels.block_tiles import Q4_TYPES
 from lmserve.kernels.int8_linear import has_int8_dot_product
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available
-from lmserve.kernels.q4_tiles import Q4_TYPES
 from lmserve.layers.linear import Linear
 from lmserve.models.registry import build_model
 from lmserve.platform import auto_dtype, has_fast_bf16
@@ -65,8 +65,8 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     blocks are multiplied as they are by inputs rounded to int8 per block of 32 (kernels/q4_int8_matmul.c).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
     linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively; elsewhere
-    its decoder layers' Q4_0/Q4_1 blocks take every product, by inputs rounded to int16 (kernels/q4_int16_matmul.c),
-    and their float copy is dropped."""
+    its linears' Q4_0/Q4_1/Q8_0 blocks (the LM head's too) take every product, by inputs rounded to int16
+    (kernels/tiles_int16_matmul.c), and their float copy is dropped."""
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -94,12 +94,12 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
         if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
         elif quantized and quantization == "auto":
-            module.store_linear_weights_in_q4_tiles(16)  # with the C stack: W1 1.2x the blocks + float32 GEMMs
+            module.store_linear_weights_in_block_tiles(16)  # W1 1.2x the blocks + float32 GEMMs
     if quantization == "int8" and has_int8_dot_product():
         module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
         quantized = (*quantized, "int8")
     elif quantization == "int8":
-        module.store_linear_weights_in_q4_tiles(8)  # AVX2 only: the file's Q4 blocks by int8 inputs
+        module.store_linear_weights_in_block_tiles(8)  # AVX2 only: the file's Q4 blocks by int8 inputs
         quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 

@@ -222,6 +222,7 @@ def test_fused_decode_stack_takes_batches_past_the_blocks_row_limit(tmp_path, mo
     them, and agrees with the torch layers (which multiply by the float weights there)."""
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "tiny.gguf", "Q8_0")
+    monkeypatch.setattr(Linear, "store_weight_in_block_tiles", lambda self, input_bits: False)  # blocks + floats
     lm = load_model(str(tmp_path / "tiny.gguf"), dtype="float32")
     model, c = lm.model, lm.config
     seqs = MAX_QUANTIZED_ROWS[torch.float32] + 8

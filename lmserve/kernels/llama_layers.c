@@ -41,9 +41,12 @@ int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, 
                    int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
 int q4_int16_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
                     int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
+enum { Q8_0 = 8 }; /* ggml's type number */
+int q8_int16_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, const float *d, const float *m,
+                    int64_t N, const float *bias, float *y, uint8_t *scratch, int epilogue);
 
-/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c), int8 (int8_matmul.c) or Q4 for int16
- * or int8 inputs (q4_int16_matmul.c, q4_int8_matmul.c) -- or blocks and tiles; the blocks take products of up to
+/* A linear layer's native weights: GGUF blocks, tiles -- bf16 (bf16_matmul.c), int8 (int8_matmul.c) or the blocks
+ * regrouped for int16 or (Q4) int8 inputs (tiles_int16_matmul.c, q4_int8_matmul.c) -- or blocks and tiles; the blocks take products of up to
  * max_block_rows rows, the tiles the rest. */
 typedef struct {
     int qtype;                 /* ggml type of the blocks */
@@ -54,9 +57,9 @@ typedef struct {
     const int8_t *int8_tiles;  /* NULL when the layer has none; with their scales and offsets */
     const float *int8_scales;
     const int32_t *int8_offsets;
-    const uint8_t *q4_quants;  /* NULL when the layer has none; with their scales and mins */
-    const float *q4_scales, *q4_mins;
-    int q4_input_bits;         /* 16 or 8 */
+    const uint8_t *tile_quants;/* regrouped blocks of type qtype, NULL when the layer has none; scales, (Q4) mins */
+    const float *tile_scales, *tile_mins;
+    int tile_input_bits;       /* 16 or 8 */
 } NativeLinear;
 
 typedef struct {
@@ -142,7 +145,7 @@ static void add_into(float *x, const float *delta, int64_t M, int64_t n) {
 }
 
 static int on_blocks(const NativeLinear *W, int64_t M) {
-    return W->blocks && (M <= W->max_block_rows || !(W->bf16_tiles || W->int8_tiles || W->q4_quants));
+    return W->blocks && (M <= W->max_block_rows || !(W->bf16_tiles || W->int8_tiles || W->tile_quants));
 }
 
 /* y = x W^T + bias, or (accumulate) y += x W^T + bias: the tiles add into y as they store, the blocks' product goes
@@ -158,11 +161,13 @@ static int linear(const NativeLinear *W, const float *x, int64_t M, int64_t K, i
         if (accumulate) add_into(y, delta, M, N);
         return 0;
     }
-    if (W->q4_quants && W->q4_input_bits == 16) /* its scratch: xscale, xsum and xq, which follow each other */
-        return q4_int16_matmul(x, M, K, W->q4_quants, W->q4_scales, W->q4_mins, N, W->bias, y, (uint8_t *)s->xscale,
-                               accumulate ? ACCUMULATE : STORE);
-    if (W->q4_quants)
-        return q4_int8_matmul(x, M, K, W->q4_quants, W->q4_scales, W->q4_mins, N, W->bias, y, (uint8_t *)s->xq,
+    if (W->tile_quants && W->tile_input_bits == 16) /* its scratch: xscale, xsum and xq, which follow each other */
+        return (W->qtype == Q8_0 ? q8_int16_matmul : q4_int16_matmul)(x, M, K, W->tile_quants, W->tile_scales,
+                                                                      W->tile_mins, N, W->bias, y,
+                                                                      (uint8_t *)s->xscale,
+                                                                      accumulate ? ACCUMULATE : STORE);
+    if (W->tile_quants)
+        return q4_int8_matmul(x, M, K, W->tile_quants, W->tile_scales, W->tile_mins, N, W->bias, y, (uint8_t *)s->xq,
                               accumulate ? ACCUMULATE : STORE);
     if (W->int8_tiles)
         return int8_matmul(x, M, K, W->int8_tiles, W->int8_scales, W->int8_offsets, N, W->bias, y, N,

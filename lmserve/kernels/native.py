@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.c", "bf16_matmul.c", "bf16_amx.c", "paged_attention.c", "prefill_attention.c",
                         "llama_layers.c", "argmax.c", "int8_matmul.c", "q4_int8_matmul.c",
-                        "q4_int16_matmul.c")]
+                        "tiles_int16_matmul.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("simd.h", "bf16_kernels.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 KERNEL_TYPES = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0)
@@ -101,10 +101,11 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_int8_matmul.restype = ctypes.c_int
     lib.q4_int8_scratch_bytes.argtypes = [size, size]
     lib.q4_int8_scratch_bytes.restype = size
-    lib.q4_int16_matmul.argtypes = lib.q4_int8_matmul.argtypes
-    lib.q4_int16_matmul.restype = ctypes.c_int
-    lib.q4_int16_scratch_bytes.argtypes = [size, size]
-    lib.q4_int16_scratch_bytes.restype = size
+    for product in (lib.q4_int16_matmul, lib.q8_int16_matmul):
+        product.argtypes = lib.q4_int8_matmul.argtypes
+        product.restype = ctypes.c_int
+    lib.int16_tiles_scratch_bytes.argtypes = [size, size]
+    lib.int16_tiles_scratch_bytes.restype = size
     return lib
 
 
@@ -113,8 +114,8 @@ class NativeLinearSpec(ctypes.Structure):
 
     _fields_ = [("qtype", ctypes.c_int), ("blocks", ctypes.c_void_p), ("bf16_tiles", ctypes.c_void_p),
                 ("max_block_rows", ctypes.c_int64), ("bias", ctypes.c_void_p), ("int8_tiles", ctypes.c_void_p),
-                ("int8_scales", ctypes.c_void_p), ("int8_offsets", ctypes.c_void_p), ("q4_quants", ctypes.c_void_p),
-                ("q4_scales", ctypes.c_void_p), ("q4_mins", ctypes.c_void_p), ("q4_input_bits", ctypes.c_int)]
+                ("int8_scales", ctypes.c_void_p), ("int8_offsets", ctypes.c_void_p), ("tile_quants", ctypes.c_void_p),
+                ("tile_scales", ctypes.c_void_p), ("tile_mins", ctypes.c_void_p), ("tile_input_bits", ctypes.c_int)]
 
 
 class LlamaLayerSpec(ctypes.Structure):

@@ -8,7 +8,7 @@
  * multiplies per instruction), a block's eight products add up in int16 (at most 8 x 2 x 15 x 127 = 30480: none
  * saturates), and one madd, one conversion and two FMAs finish the block for eight outputs.
  *
- * Layout (q4_tiles.pack_q4_tiles): quants uint8 [N / 8][K / 32][4][32], byte 4c + i of load j holding column c's
+ * Layout (block_tiles.pack_block_tiles): quants uint8 [N / 8][K / 32][4][32], byte 4c + i of load j holding column c's
  * GGUF quant byte 4j + i (low nibble: input 4j + i of the block, high nibble: input 16 + 4j + i); scales d and mins
  * m float32 [N / 8][K / 32][8] (Q4_0 is Q4_1 with m = -8 d). A block adds d * xscale * (q . xq) + m * xsum, xsum
  * being xscale * sum(xq): the product of the rounded x by the dequantized weight.

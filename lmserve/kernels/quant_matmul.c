@@ -52,7 +52,7 @@ static void quantize_block(const float *x, int16_t *q, float *scale, float *sum)
 }
 
 /* `count` consecutive blocks of x (rows of x back to back) to int16 with their scales and sums; also for
- * q4_int16_matmul.c, whose products keep this rounding. */
+ * tiles_int16_matmul.c, whose products keep this rounding. */
 void quantize_int16(const float *x, int64_t count, int16_t *xq, float *xscale, float *xsum) {
 #pragma omp parallel for if (count >= 256)
     for (int64_t i = 0; i < count; i++) quantize_block(x + i * QK, xq + i * QK, xscale + i, xsum + i);

@@ -34,12 +34,13 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def _linear_spec(linear: Linear) -> NativeLinearSpec:
-    blocks, int8, q4 = linear.quantized, linear.int8_tiles, linear.q4_tiles
+    blocks, int8, tiles = linear.quantized, linear.int8_tiles, linear.block_tiles
     int8_parts = (None, None, None) if int8 is None else (int8.tiles, int8.scales, int8.offsets)
-    q4_parts = (None, None, None) if q4 is None else (q4.quants, q4.scales, q4.mins)
+    tile_parts = (None, None, None) if tiles is None else (tiles.quants, tiles.scales, tiles.mins)
     return NativeLinearSpec(0 if blocks is None else blocks.qtype, _pointer(blocks and blocks.blocks),
                             _pointer(linear.bf16_tiles), linear.max_quantized_rows, _pointer(linear.bias),
-                            *map(_pointer, int8_parts), *map(_pointer, q4_parts), 0 if q4 is None else q4.input_bits)
+                            *map(_pointer, int8_parts), *map(_pointer, tile_parts),
+                            0 if tiles is None else tiles.input_bits)
 
 
 def llama_layer_spec(block: LlamaBlock) -> LlamaLayerSpec | None:

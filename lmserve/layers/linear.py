@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.kernels.block_tiles import BlockTiles, block_tiles_matmul, pack_block_tiles, tiles_packable
 from lmserve.kernels.int8_linear import Int8Tiles, has_int8_dot_product, int8_matmul, int8_packable, pack_int8
 from lmserve.kernels.native import bf16_matmul, kernels_available, pack_bf16, quant_matmul
-from lmserve.kernels.q4_tiles import Q4Tiles, pack_q4_tiles, q4_matmul, q4_packable
 
 # Rows up to which the block kernels beat torch's GEMM on the float weight, by the float weight's dtype (SmolLM2's
 # shapes, 2-core EPYC; `benchmarks/linear_crossover.py`): against float32 (AVX2 EPYC) they won 3-6x at 1-4 rows,
@@ -53,12 +53,12 @@ class Linear(nn.Linear):
     quantized: QuantizedWeight | None = None
     bf16_tiles: torch.Tensor | None = None  # the weight in native.pack_bf16's layout; `weight` is None then
     int8_tiles: Int8Tiles | None = None     # the weight rounded to int8 (--quantization int8); `weight` is None then
-    q4_tiles: Q4Tiles | None = None         # the Q4 blocks regrouped for int16 or int8 inputs; `weight` is None then
+    block_tiles: BlockTiles | None = None   # the GGUF blocks regrouped for int16 or int8 inputs; `weight` is None then
 
     @property
     def max_quantized_rows(self) -> int:
         """Products with up to this many rows run on the blocks (0 without blocks)."""
-        if self.quantized is None or self.q4_tiles is not None:
+        if self.quantized is None or self.block_tiles is not None:
             return 0
         if self.bf16_tiles is not None or self.int8_tiles is not None:
             return MAX_QUANTIZED_ROWS_OVER_TILES
@@ -69,8 +69,8 @@ class Linear(nn.Linear):
     @property
     def weight_form(self) -> str:
         """What the products multiply by, for reports: "float32", "bfloat16 tiles", "Q4_1 x int16 inputs", ..."""
-        if self.q4_tiles is not None:
-            return f"{gguf.GGMLQuantizationType(self.quantized.qtype).name} x int{self.q4_tiles.input_bits} inputs"
+        if self.block_tiles is not None:
+            return f"{gguf.GGMLQuantizationType(self.block_tiles.qtype).name} x int{self.block_tiles.input_bits} inputs"
         if self.int8_tiles is not None:
             return "int8 tiles"
         return "bfloat16 tiles" if self.bf16_tiles is not None else str(self.weight.dtype).removeprefix("torch.")
@@ -79,7 +79,7 @@ class Linear(nn.Linear):
         """Whether a step of `rows` token rows should run this layer in the C stack: on tiles at any size; on the
         blocks for decode steps up to MAX_FUSED_DECODE_ROWS sequences, and for other steps only where the torch
         path multiplies by the blocks too (a prefill keeps the float weights' exact products)."""
-        if self.bf16_tiles is not None or self.int8_tiles is not None or self.q4_tiles is not None:
+        if self.bf16_tiles is not None or self.int8_tiles is not None or self.block_tiles is not None:
             return True
         return self.quantized is not None and rows <= (MAX_FUSED_DECODE_ROWS if decode else self.max_quantized_rows)
 
@@ -105,14 +105,18 @@ class Linear(nn.Linear):
         self.int8_tiles = pack_int8(self.weight)
         self.weight = None
 
-    def store_weight_in_q4_tiles(self, input_bits: int) -> bool:
-        """Multiply by the Q4 blocks regrouped for inputs rounded to `input_bits` (kernels/q4_int16_matmul.c,
-        q4_int8_matmul.c) at every row count, in place of the float weight; False (nothing changed) where the blocks
-        are not Q4_0/Q4_1 or the shape does not fit."""
-        if self.quantized is None or not q4_packable(self.quantized.qtype, self.out_features) \
-                or not (self.bias is None or self.bias.dtype == torch.float32):
+    def store_weight_in_block_tiles(self, input_bits: int) -> bool:
+        """Multiply by the GGUF blocks regrouped for inputs rounded to `input_bits` (kernels/tiles_int16_matmul.c,
+        q4_int8_matmul.c) at every row count, in place of the float weight; Q8_0 blocks take int16 inputs either way
+        (with AVX2, int8 x int8 products cost as much). False (nothing changed) where the blocks are of another type
+        or the shape does not fit."""
+        if self.quantized is None or not (self.bias is None or self.bias.dtype == torch.float32):
             return False
-        self.q4_tiles = pack_q4_tiles(self.quantized.qtype, self.quantized.blocks, input_bits)
+        qtype = self.quantized.qtype
+        bits = input_bits if tiles_packable(qtype, self.out_features, input_bits) else 16
+        if not tiles_packable(qtype, self.out_features, bits):
+            return False
+        self.block_tiles = pack_block_tiles(qtype, self.quantized.blocks, bits)
         self.weight = None
         return True
 
@@ -121,8 +125,8 @@ class Linear(nn.Linear):
             out = quant_matmul(self.quantized.qtype, x.reshape(-1, x.shape[-1]), self.quantized.blocks)
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if self.bias is None else out + self.bias
-        if self.q4_tiles is not None:
-            out = q4_matmul(x.reshape(-1, x.shape[-1]).float(), self.q4_tiles, self.bias)
+        if self.block_tiles is not None:
+            out = block_tiles_matmul(x.reshape(-1, x.shape[-1]).float(), self.block_tiles, self.bias)
             return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if self.int8_tiles is not None:
             out = int8_matmul(x.reshape(-1, x.shape[-1]).float(), self.int8_tiles, self.bias)

@@ -65,13 +65,13 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach(), requires_grad=False)
         self.lm_head.store_weight_in(lm_head_dtype)
 
-    def store_linear_weights_in_q4_tiles(self, input_bits: int) -> None:
-        """Multiply the decoder layers' linears holding Q4_0/Q4_1 blocks by them at every row count, with inputs
-        rounded to `input_bits` (16: float32's results within ~1e-4; 8: --quantization int8); their float weights
-        are dropped. The LM head keeps its path."""
+    def store_linear_weights_in_block_tiles(self, input_bits: int) -> None:
+        """Multiply the linears holding Q4_0/Q4_1/Q8_0 blocks, the LM head's included, by them at every row count,
+        with inputs rounded to `input_bits` (16: float32's results within ~1e-4; 8: --quantization int8, Q4 blocks
+        only); their float weights are dropped (a tied LM head's stays as the embedding)."""
         for module in self.modules():
-            if isinstance(module, Linear) and module is not self.lm_head:
-                module.store_weight_in_q4_tiles(input_bits)
+            if isinstance(module, Linear):
+                module.store_weight_in_block_tiles(input_bits)
 
     def load_weights(self, weights: Tensors, source: str) -> None:
         load_into(self, self._checkpoint_tensors(weights), self._map_name, self._shard_rows, source)

@@ -75,8 +75,8 @@ class LlamaForCausalLM(DecoderLM):
         super().store_linear_weights_in_int8(lm_head_dtype)
         self.fused_stack = llama_stack_spec(list(self.layers))
 
-    def store_linear_weights_in_q4_tiles(self, input_bits: int) -> None:
-        super().store_linear_weights_in_q4_tiles(input_bits)
+    def store_linear_weights_in_block_tiles(self, input_bits: int) -> None:
+        super().store_linear_weights_in_block_tiles(input_bits)
         self.fused_stack = llama_stack_spec(list(self.layers))
 
     def _map_name(self, name: str) -> tuple[str, int] | None:
