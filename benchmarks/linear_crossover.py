@@ -3,8 +3,8 @@
 the GGUF blocks (quant_matmul.c, int16 inputs), the blocks regrouped for int16 inputs (kernels/
 tiles_int16_matmul.c, the default where float weights stay float32) and, Q4_1 only, for int8 inputs
 (kernels/q4_int8_matmul.c, --quantization int8 with AVX2 only), a float32 weight, a bf16 weight in torch
-(float32 activations cast in and out) and a bf16 weight in lmserve's tiles (kernels/bf16_matmul.c)
-. The LM head's blocks are Q8_0, as in SmolLM2's GGUF. Sets MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
+(float32 activations cast in and out) and a bf16 weight in lmserve's tiles (kernels/bf16_matmul.c).
+The LM head's blocks are Q8_0, as in SmolLM2's GGUF. Sets MAX_QUANTIZED_ROWS, MAX_QUANTIZED_ROWS_OVER_TILES
 and MAX_QUANTIZED_ROWS_WIDE in lmserve/layers/linear.py.
 
   .venv/bin/python benchmarks/linear_crossover.py --rows 1 4 8 16 32 64
