@@ -128,4 +128,6 @@ def test_bench_quality_shows_decode_kernels_keep_the_model_output(tmp_path, kv_c
     # blocks by int16 inputs: float noise; with bf16 linear weights (bf16 CPUs): the bf16 bound
     bf16 = result["candidate"]["linear_weights"].startswith("bfloat16")
     assert abs(result["perplexity_delta_pct"]) < (1.0 if bf16 else 0.1)
+    if kernels_available() and not bf16:  # the tied LM head's products on the embedding's Q8_0 blocks as tiles
+        assert result["candidate"]["lm_head_weights"] == "Q8_0 x int16 inputs"
     assert result["greedy_agreeing_prefix"] >= 0.9

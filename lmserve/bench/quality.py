@@ -55,14 +55,14 @@ def run_quality(engine_options: dict[str, Any], cfg: QualityConfig) -> dict[str,
     candidate = LLM(**shared)
     ppl, out = _score(candidate, text_ids, prompts, cfg.output_len)
     lm = candidate.engine.lm
-    # a decoder layer's: the LM head may keep another form (int8 paths leave it alone)
+    # a decoder layer's form, and the LM head's apart: int8 paths and tied embeddings may leave it in another
     linear_form = next(m.weight_form for m in lm.model.layers.modules() if isinstance(m, Linear))
     agreeing = [next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                 for x, y in zip(out, ref_out, strict=True)]
     return {
         "text_path": cfg.text_path, "text_tokens": len(text_ids), "chunk_tokens": cfg.chunk_tokens,
         "candidate": {"dtype": str(lm.dtype).removeprefix("torch."), "quantized_types": list(lm.quantized_types),
-                      "linear_weights": linear_form,
+                      "linear_weights": linear_form, "lm_head_weights": lm.model.lm_head.weight_form,
                       "kv_cache": str(candidate.engine.runner.kv_cache.k.dtype).removeprefix("torch.")},
         "reference_perplexity": ref_ppl, "perplexity": ppl, "perplexity_delta_pct": 100 * (ppl / ref_ppl - 1),
         "greedy_identical": sum(n == cfg.output_len for n in agreeing) / len(agreeing),
@@ -76,6 +76,8 @@ def format_quality(r: dict[str, Any]) -> str:
     fast = c["dtype"]
     if c["linear_weights"] != c["dtype"]:
         fast += f", decoder linears on {c['linear_weights']}"
+    if c.get("lm_head_weights", c["dtype"]) != c["dtype"]:
+        fast += f", LM head on {c['lm_head_weights']}"
     fast += f" (GGUF blocks: {'/'.join(c['quantized_types'])})" if c["quantized_types"] else ""
     if c.get("kv_cache", c["dtype"]) != c["dtype"]:
         fast += f", {c['kv_cache']} KV cache"
