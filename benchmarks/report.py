@@ -49,21 +49,25 @@ def _lmserve_revs(runs: dict[str, dict[str, list[dict[str, Any]]]], repo: Path) 
     return ", ".join(sorted(revs))
 
 
-def _machine(anchors: Anchors, repo: Path, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
-    info = cpu_info()
+def machine_record(anchors: Anchors) -> dict[str, Any]:
+    """This machine and the engines' versions, saved beside the runs so that a later report names them."""
     mem_gib = 0.0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_gib = int(line.split()[1]) / 2**20
-    flags = ", ".join(info["cpu_flags"]) or "none of the AVX-512/AMX flags"
-    missing = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f not in info["cpu_flags"]]
+    return {**cpu_info(), "mem_gib": mem_gib, "lmserve_versions": versions("torch", "numpy"),
+            "anchors": {name: anchors.status(name) for name in ANCHORS}}
+
+
+def _machine(machine: dict[str, Any], repo: Path, runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    flags = ", ".join(machine["cpu_flags"]) or "none of the AVX-512/AMX flags"
+    missing = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f not in machine["cpu_flags"]]
     lines = ["## Machine and versions", "",
-             f"- CPU: {info['cpu_model']}, {info['logical_cores']} logical cores, {mem_gib:.0f} GiB RAM; "
-             f"matmul-relevant flags: {flags}" + (f" (no {', '.join(missing)})" if missing else ""),
-             f"- lmserve: git {_lmserve_revs(runs, repo)}; " + ", ".join(f"{k} {v}" for k, v in
-                                                             versions("torch", "numpy").items() if v)]
-    for name in ANCHORS:
-        status = anchors.status(name)
+             f"- CPU: {machine['cpu_model']}, {machine['logical_cores']} logical cores, {machine['mem_gib']:.0f} GiB "
+             f"RAM; matmul-relevant flags: {flags}" + (f" (no {', '.join(missing)})" if missing else ""),
+             f"- lmserve: git {_lmserve_revs(runs, repo)}; " + ", ".join(
+                 f"{k} {v}" for k, v in machine["lmserve_versions"].items() if v)]
+    for name, status in machine["anchors"].items():
         if status.get("ok"):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in status.get("versions", {}).items() if v))
         else:
@@ -150,7 +154,9 @@ def write_report(results: Path, out: Path, anchors: Anchors, args: Any) -> None:
               "engine in a repeat; a fresh seed each repeat), prefix caching off except `lmserve-cache` in W4. "
               "Each repeat runs every engine once, in turn (A B C A B C), so drift cancels; figures are median "
               "[min–max] over repeats. The client shares the 2 cores with the server.", ""]
-    lines += _machine(anchors, repo, runs)
+    machine_path = results / "machine.json"  # written by the runs; this machine's when there is none yet
+    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else machine_record(anchors)
+    lines += _machine(machine, repo, runs)
     for wname in WORKLOADS:
         if wname in runs:
             lines += _table(wname, runs[wname], plot_dir, plot_dir.name, args.smoke)

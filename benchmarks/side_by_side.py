@@ -29,7 +29,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from anchors import ANCHORS, Anchors  # noqa: E402
-from report import git_rev, write_report  # noqa: E402
+from report import git_rev, machine_record, write_report  # noqa: E402
 from servers import ServerPool, wait_for_quiet  # noqa: E402
 from workloads import ENGINES, WORKLOADS, Plan, normalise, plan_runs  # noqa: E402
 
@@ -97,6 +97,17 @@ def run_one(plan: Plan, args: argparse.Namespace, pool: ServerPool, anchors: Anc
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def save_machine(results: Path, machine: dict, force: bool) -> None:
+    """Record the machine beside its runs; refuse to add runs of another machine to them."""
+    path = results / "machine.json"
+    if path.is_file() and not force:
+        saved = json.loads(path.read_text())
+        if (saved["cpu_model"], saved["cpu_flags"]) != (machine["cpu_model"], machine["cpu_flags"]):
+            sys.exit(f"{results} holds runs of another machine ({saved['cpu_model']}, {', '.join(saved['cpu_flags'])})"
+                     ": use another --results-dir, or --force to start over")
+    path.write_text(json.dumps(machine, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     anchors = Anchors(args.anchors_dir)
@@ -111,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     # Failures of engines not in this call stay on record; the selected ones are tried afresh.
     failures: dict[str, str] = {k: v for k, v in old.items() if k.split("-")[0] not in args.engines}
     if not args.report_only:
+        save_machine(args.results, machine_record(anchors), args.force)
         pool = ServerPool(args.results / "server-logs")
         try:
             for wname in args.workload_names:

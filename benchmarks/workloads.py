@@ -151,10 +151,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
 
     from lmserve.kernels.int8_linear import has_int8_dot_product
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
-    from lmserve.layers.linear import (
-        MAX_QUANTIZED_ROWS_OVER_TILES,
-        MAX_QUANTIZED_ROWS_WIDE,
-    )
+    from lmserve.layers.linear import MAX_QUANTIZED_ROWS_OVER_TILES
     from lmserve.loader import resolve_dtype
     from lmserve.platform import has_fast_bf16
 
@@ -167,16 +164,14 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
         return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
                 f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
     if quantization == "int8":
-        return (f"float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
-                f"{MAX_QUANTIZED_ROWS_WIDE} rows; KV float16")
+        return "float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks x int16; KV float16"
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
         tiles = f"bf16 tiles ({best_bf16_kernel().name})"
         return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, {tiles} above; KV {kv}"
-    return (f"float32; Q4_1 blocks x int16 inputs (per 32) at every row count, LM head Q8_0 blocks up to "
-            f"{MAX_QUANTIZED_ROWS_WIDE} rows; KV {kv}")
+    return f"float32; Q4_1 blocks x int16 inputs (per 32) at every row count, LM head Q8_0 blocks x int16; KV {kv}"
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:

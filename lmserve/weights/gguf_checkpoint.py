@@ -63,6 +63,20 @@ _ARCHS = {
 }
 
 
+class _PlainArrayReader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of its file mapping: it slices the mapping once per metadata part,
+    and each slice of a np.memmap costs a subclass hook; SmolLM2's 49k-token vocabulary parses in 1.3 s instead of
+    3.3 (gguf-py's own fix, llama.cpp PR #13378, is unmerged)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapping: np.ndarray) -> None:
+        self._data = mapping.view(np.ndarray)  # the view holds the mapping open
+
+
 class GGUFCheckpoint:
     """One GGUF file: its config as transformers would write it, its tensors as transformers names them."""
 
@@ -71,7 +85,7 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such GGUF file")
         try:
-            self._reader = gguf.GGUFReader(self.path)
+            self._reader = _PlainArrayReader(self.path)
         except Exception as exc:  # gguf reports malformed bytes with whatever numpy or struct raised
             raise ModelLoadError(f"{self.path} is not a readable GGUF file (corrupt or truncated?): {exc}") from exc
         arch = self._value("general.architecture")
@@ -131,8 +145,7 @@ class GGUFCheckpoint:
 
     def _dequantize(self, info: gguf.ReaderTensor) -> torch.Tensor:
         try:
-            # a plain ndarray view: slicing the reader's memmap subclass row group by row group is 10x slower
-            values = gguf.quants.dequantize(np.asarray(info.data), info.tensor_type)
+            values = gguf.quants.dequantize(info.data, info.tensor_type)
         except NotImplementedError as exc:
             raise ModelLoadError(
                 f"{self.path}: tensor {info.name!r} has ggml type {info.tensor_type.name}, which cannot be dequantized"
