@@ -110,15 +110,15 @@ class Anchors:
     # -- the anchors -----------------------------------------------------------------------------------------------
 
     def _setup_transformers(self) -> dict:
-        name = "transformers"
-        self._venv(name)
-        self._pip(name, "pip", "torch==2.13.0", "transformers", "gguf", "safetensors", "accelerate")
         self.ensure_hf_dir()
-        return self._versions(name, ["torch", "transformers"])
+        return self._versions("transformers", ["torch", "transformers"])
 
     def ensure_hf_dir(self) -> Path:
-        """The float32 Hugging Face directory of SmolLM2 made from the GGUF (same values), for vLLM/transformers."""
+        """The float32 Hugging Face directory of SmolLM2 made from the GGUF (same values), for vLLM/transformers;
+        made with the transformers anchor's venv, set up here if vLLM comes first."""
         if not (self.hf_dir / "config.json").is_file():
+            self._venv("transformers")
+            self._pip("transformers", "pip", "torch==2.13.0", "transformers", "gguf", "safetensors", "accelerate")
             self._run("transformers", [str(self.python("transformers")), str(HERE / "offline_anchor.py"), "gguf-to-hf",
                                        "--gguf", str(self.gguf_q4_1), "--out", str(self.hf_dir)], "hf-dir")
         return self.hf_dir

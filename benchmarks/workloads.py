@@ -149,6 +149,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
     import torch
 
+    from lmserve.kernels.block_tiles import int16_tiles_on_vnni
     from lmserve.kernels.int8_linear import has_int8_dot_product
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
     from lmserve.layers.linear import MAX_QUANTIZED_ROWS_OVER_TILES
@@ -171,7 +172,9 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
         tiles = f"bf16 tiles ({best_bf16_kernel().name})"
         return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, {tiles} above; KV {kv}"
-    return f"float32; Q4_1 blocks x int16 inputs (per 32) at every row count, LM head Q8_0 blocks x int16; KV {kv}"
+    vnni = ", AVX512-VNNI" if int16_tiles_on_vnni() else ""
+    return (f"float32; Q4_1 blocks x int16 inputs (per 32{vnni}) at every row count, LM head Q8_0 blocks x int16; "
+            f"KV {kv}")
 
 
 def plan_runs(workload: Workload, args: Any, anchors: Anchors, failures: dict[str, str]) -> list[Plan]:

@@ -16,6 +16,7 @@ from tiny_models import ALL_CONFIGS, make_tiny_model
 
 import lmserve.loader as loader
 import lmserve.models.llama as llama
+from lmserve.kernels import native
 from lmserve.kernels.block_tiles import block_tiles_matmul, pack_block_tiles
 from lmserve.kernels.native import Epilogue, kernels_available, pack_blocks
 from lmserve.layers.fused_layers import fused_llama_layers
@@ -24,6 +25,17 @@ from lmserve.loader import load_model
 
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="needs lmserve's CPU kernels (AVX2)")
 Q4_1, Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0
+
+
+@pytest.fixture(params=["avx2", "avx512-vnni"])
+def tile_width(request):
+    """Each int16 tile product on both of its paths where the CPU has AVX512-VNNI (column groups in pairs there)."""
+    lib = native._required_library() if kernels_available() else None
+    if lib is None or (request.param == "avx512-vnni" and not lib.int16_tiles_wide(-1)):
+        pytest.skip(f"the {request.param} path of the int16 tiles does not run on this CPU")
+    lib.int16_tiles_wide(int(request.param == "avx512-vnni"))
+    yield request.param
+    lib.int16_tiles_wide(1)  # back to the CPU's own choice
 
 
 def gguf_blocks(qtype: gguf.GGMLQuantizationType, weight: torch.Tensor) -> torch.Tensor:
@@ -56,7 +68,7 @@ def block_reference(x: torch.Tensor, qtype: gguf.GGMLQuantizationType, raw: torc
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 9, 33, 64, 131])
 @pytest.mark.parametrize(("out_features", "in_features"), [(8, 32), (64, 256), (960, 576), (24, 1536)])
 def test_tile_product_is_the_integer_arithmetic_of_the_rounded_input(qtype, input_bits, rows, out_features,
-                                                                       in_features):
+                                                                       in_features, tile_width):
     torch.manual_seed(rows + out_features)
     raw = gguf_blocks(qtype, torch.randn(out_features, in_features))
     x = torch.randn(rows, in_features) * torch.linspace(0.1, 3, in_features)
@@ -71,7 +83,7 @@ def test_tile_product_is_the_integer_arithmetic_of_the_rounded_input(qtype, inpu
 
 @needs_kernels
 @pytest.mark.parametrize(("qtype", "input_bits"), [(Q4_1, 16), (Q8_0, 16), (Q4_1, 8)])
-def test_tile_product_adds_bias_and_into_a_residual_and_refuses_what_it_cannot_tile(qtype, input_bits):
+def test_tile_product_adds_bias_and_into_a_residual_and_refuses_what_it_cannot_tile(qtype, input_bits, tile_width):
     raw = gguf_blocks(qtype, torch.randn(16, 64))
     tiles = pack_block_tiles(int(qtype), pack_blocks(int(qtype), raw), input_bits)
     x, bias, residual = torch.randn(6, 64), torch.randn(16), torch.randn(6, 16)
@@ -93,6 +105,25 @@ def test_tile_product_adds_bias_and_into_a_residual_and_refuses_what_it_cannot_t
     if qtype == Q8_0:
         with pytest.raises(ValueError, match=f"8-bit inputs .{refusal}"):
             pack_block_tiles(int(qtype), pack_blocks(int(qtype), raw), 8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q4_1, Q4_0, Q8_0])
+@pytest.mark.parametrize("out_features", [8, 24, 64])  # one column group, a pair and one alone, pairs only
+def test_int16_tiles_give_the_same_bits_on_avx512_vnni_as_on_avx2(qtype, out_features):
+    lib = native._required_library()
+    if not lib.int16_tiles_wide(-1):
+        pytest.skip("needs AVX512-VNNI")
+    raw = gguf_blocks(qtype, torch.randn(out_features, 96))
+    tiles = pack_block_tiles(int(qtype), pack_blocks(int(qtype), raw), 16)
+    x, bias = torch.randn(13, 96), torch.randn(out_features)
+    wide = block_tiles_matmul(x, tiles, bias)
+    try:
+        lib.int16_tiles_wide(0)
+        narrow = block_tiles_matmul(x, tiles, bias)
+    finally:
+        lib.int16_tiles_wide(1)
+    assert torch.equal(wide, narrow)
 
 
 @needs_kernels

@@ -35,6 +35,11 @@ class BlockTiles:
         return self.quants.shape[0] * COLS
 
 
+def int16_tiles_on_vnni() -> bool:
+    """Whether the int16 tiles' products take their AVX512-VNNI path (column groups in pairs), for reports."""
+    return bool(_required_library().int16_tiles_wide(-1))
+
+
 def tiles_packable(qtype: int, out_features: int, input_bits: int) -> bool:
     return input_bits in INPUT_BITS.get(qtype, ()) and out_features % COLS == 0
 
