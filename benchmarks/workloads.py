@@ -163,7 +163,7 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
     if quantization == "int8" and has_int8_dot_product():
         return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
-                f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'float32'}; KV float16")
+                f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'Q8_0 blocks x int16'}; KV float16")
     if quantization == "int8":
         return "float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks x int16; KV float16"
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):

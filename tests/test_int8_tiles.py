@@ -18,6 +18,7 @@ from lmserve.kernels.native import Epilogue, kernels_available
 from lmserve.layers.fused_layers import fused_llama_layers
 from lmserve.layers.linear import Linear
 from lmserve.loader import load_model
+from lmserve.platform import has_fast_bf16
 
 needs_vnni = pytest.mark.skipif(not (kernels_available() and has_int8_dot_product()),
                                 reason="needs lmserve's kernels on a CPU with AVX512-VNNI")
@@ -111,6 +112,7 @@ def test_fused_stack_on_int8_tiles_matches_the_torch_layers(tmp_path, monkeypatc
     model, c = lm.model, lm.config
     assert model.fused_stack is not None and "int8" in lm.quantized_types
     assert model.layers[0].mlp.down_proj.int8_tiles is not None and model.lm_head.int8_tiles is None
+    assert (model.lm_head.block_tiles is None) == has_fast_bf16(torch.device("cpu"))  # else bf16 tiles
     calls = []
     monkeypatch.setattr(llama, "fused_llama_layers", lambda *args: calls.append(1) or fused_llama_layers(*args))
     assert_fused_stack_matches_torch_layers(model, c, seqs)

@@ -56,11 +56,15 @@ class DecoderLM(nn.Module):
                 module.store_weight_in(dtype)
 
     def store_linear_weights_in_int8(self, lm_head_dtype: torch.dtype) -> None:
-        """Round the decoder layers' linear weights to int8 (--quantization int8); the LM head keeps `lm_head_dtype`:
-        its logits decide every sampled token, and it is a fifth of a step's arithmetic, not most of it."""
+        """Round the decoder layers' linear weights to int8 (--quantization int8); the LM head stays near float32:
+        its logits decide every sampled token, and it is a fifth of a step's arithmetic, not most of it. In float32
+        it takes its GGUF blocks by int16 inputs where it has them (the default's LM head: float32's logits within
+        ~1e-4, a quarter of the bytes), else `lm_head_dtype`."""
         for module in self.modules():
             if isinstance(module, Linear) and module is not self.lm_head:
                 module.store_weight_in_int8()
+        if lm_head_dtype == torch.float32 and self.lm_head.store_weight_in_block_tiles(16):
+            return
         if self.config.tie_word_embeddings:
             self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach(), requires_grad=False)
         self.lm_head.store_weight_in(lm_head_dtype)
