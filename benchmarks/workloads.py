@@ -149,11 +149,10 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
     """What lmserve will really run `model` in with these options on this machine (its `auto` choices resolved)."""
     import torch
 
-    from lmserve.kernels.block_tiles import int16_tiles_on_vnni
-    from lmserve.kernels.int8_linear import has_int8_dot_product
+    from lmserve.kernels.block_tiles import block_tiles_on_vnni
     from lmserve.kernels.native import best_bf16_kernel, kernels_available
     from lmserve.layers.linear import MAX_QUANTIZED_ROWS_OVER_TILES
-    from lmserve.loader import resolve_dtype
+    from lmserve.loader import has_q4_blocks, resolve_dtype
     from lmserve.platform import has_fast_bf16
 
     def option(name: str) -> str:
@@ -161,18 +160,19 @@ def lmserve_weights(model: str, lm_args: list[str]) -> str:
 
     quantization, dtype_option = option("--quantization"), option("--dtype")
     dtype = str(resolve_dtype(model, dtype_option, quantization=quantization)).removeprefix("torch.")
-    if quantization == "int8" and has_int8_dot_product():
-        return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, Q4_1 blocks at 1, LM head "
+    vnni = ", AVX512-VNNI" if block_tiles_on_vnni() else ""
+    if quantization == "int8" and not has_q4_blocks(model):
+        return (f"float32; int8 products (VNNI, per 64 inputs) from 2 rows, blocks at 1, LM head "
                 f"{'bf16 tiles' if has_fast_bf16(torch.device('cpu')) else 'Q8_0 blocks x int16'}; KV float16")
     if quantization == "int8":
-        return "float32; Q4_1 blocks x int8 inputs (per 32) at every row count, LM head Q8_0 blocks x int16; KV float16"
+        return (f"float32; Q4_1 blocks x int8 inputs (per 32{vnni}) at every row count, LM head Q8_0 blocks x "
+                "int16; KV float16")
     if not (quantization == "auto" and dtype == "float32" and kernels_available()):
         return dtype
     kv = "float16" if option("--kv-cache-dtype") == "auto" and dtype_option == "auto" else "as asked"
     if dtype_option == "auto" and has_fast_bf16(torch.device("cpu")):
         tiles = f"bf16 tiles ({best_bf16_kernel().name})"
         return f"float32; Q4_1 blocks up to {MAX_QUANTIZED_ROWS_OVER_TILES} row, {tiles} above; KV {kv}"
-    vnni = ", AVX512-VNNI" if int16_tiles_on_vnni() else ""
     return (f"float32; Q4_1 blocks x int16 inputs (per 32{vnni}) at every row count, LM head Q8_0 blocks x int16; "
             f"KV {kv}")
 

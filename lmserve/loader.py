@@ -60,9 +60,10 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
                device: str = "cpu", quantization: str = "auto") -> LoadedModel:
     """`model`: directory, .gguf file or bundled name; `tokenizer`: optional separate tokenizer path;
     `quantization`: "auto" keeps a GGUF's quantized blocks for decode where the CPU kernels run, "none" does not;
-    "int8" multiplies in int8: on CPUs with AVX512-VNNI the decoder layers' weights and, as they are multiplied,
-    their inputs are rounded to int8 per group of 64 (kernels/int8_matmul.c); with AVX2 only, a GGUF's Q4_0/Q4_1
-    blocks are multiplied as they are by inputs rounded to int8 per block of 32 (kernels/q4_int8_matmul.c).
+    "int8" multiplies in int8: a GGUF's Q4_0/Q4_1 blocks as they are, by inputs rounded to int8 per block of 32
+    (kernels/q4_int8_matmul.c, as llama.cpp; AVX2, VNNI where the CPU has it); a model without them, on CPUs with
+    AVX512-VNNI, by its weights and inputs rounded to int8 per group of 64 (kernels/int8_matmul.c: on SmolLM2's
+    Q4_1 weights +3.4% perplexity against the blocks' +1.0%, so a Q4 file keeps its blocks).
     With both on "auto", a GGUF whose linears the kernels can read runs in float32 (the kernels' activations), its
     linears' float weights (for prefill and large batches) in bf16 where the CPU computes bf16 natively; elsewhere
     its linears' Q4_0/Q4_1/Q8_0 blocks (the LM head's too) take every product, by inputs rounded to int16
@@ -95,11 +96,11 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
             module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
         elif quantized and quantization == "auto":
             module.store_linear_weights_in_block_tiles(16)  # W1 1.2x the blocks + float32 GEMMs
-    if quantization == "int8" and has_int8_dot_product():
-        module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
+    if quantization == "int8" and path.suffix == ".gguf" and checkpoint.has_blocks(frozenset(Q4_TYPES)):
+        module.store_linear_weights_in_block_tiles(8)  # the file's 4-bit weights by int8 inputs
         quantized = (*quantized, "int8")
     elif quantization == "int8":
-        module.store_linear_weights_in_block_tiles(8)  # AVX2 only: the file's Q4 blocks by int8 inputs
+        module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
         quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
 
@@ -115,6 +116,17 @@ def resolve_dtype(model: str, dtype: str = "auto", device: str = "cpu", quantiza
     return _gguf_dtype(GGUFCheckpoint(path), dtype, quantization, torch_device, torch_dtype)
 
 
+def has_q4_blocks(model: str) -> bool:
+    """Whether `model` is a GGUF whose linears hold Q4_0/Q4_1 blocks (which --quantization int8 multiplies as
+    they are), for reports."""
+    path = resolve_model_path(model)
+    if path.suffix != ".gguf":
+        return False
+    from lmserve.weights.gguf_checkpoint import GGUFCheckpoint
+
+    return GGUFCheckpoint(path).has_blocks(frozenset(Q4_TYPES))
+
+
 def _gguf_dtype(checkpoint: GGUFCheckpoint, dtype: str | torch.dtype, quantization: str, device: torch.device,
                 parsed: torch.dtype) -> torch.dtype:
     if (dtype == "auto" and quantization == "auto" and _kernels_apply(torch.float32, device)
@@ -125,13 +137,13 @@ def _gguf_dtype(checkpoint: GGUFCheckpoint, dtype: str | torch.dtype, quantizati
 
 def _int8_dtype(dtype: str | torch.dtype, quantization: str, device: torch.device, parsed: torch.dtype,
                 q4_blocks: bool) -> torch.dtype:
-    """int8 products take float32 activations, on CPUs that run them: any with AVX512-VNNI; with AVX2 only, for a
-    GGUF holding Q4 blocks (`q4_blocks`)."""
+    """int8 products take float32 activations, on CPUs that run them: for a GGUF holding Q4 blocks (`q4_blocks`),
+    any with AVX2; else those with AVX512-VNNI."""
     if quantization != "int8":
         return parsed
     if not (device.type == "cpu" and kernels_available() and (has_int8_dot_product() or q4_blocks)):
-        raise ValueError("quantization int8 needs lmserve's CPU kernels and either a CPU with AVX512-VNNI or, with "
-                         "AVX2 only, a GGUF whose linears hold Q4_0/Q4_1 blocks")
+        raise ValueError("quantization int8 needs lmserve's CPU kernels and either a GGUF whose linears hold "
+                         "Q4_0/Q4_1 blocks or a CPU with AVX512-VNNI")
     if dtype not in ("auto", "float32", torch.float32):
         raise ValueError(f"quantization int8 runs float32 activations; dtype {dtype!r} is not supported with it")
     return torch.float32

@@ -1,6 +1,6 @@
 """A GGUF's Q4_0/Q4_1/Q8_0 blocks regrouped eight outputs at a time, multiplied by inputs rounded per block of 32 to
 int16 (kernels/tiles_int16_matmul.c: the default where the float weights stay float32) or, Q4 only, to int8
-(kernels/q4_int8_matmul.c: --quantization int8 with AVX2 only). The product equals that integer arithmetic, a Linear
+(kernels/q4_int8_matmul.c: --quantization int8 on a Q4 GGUF). The product equals that integer arithmetic, a Linear
 keeps the tiles instead of its float weight, the C stack runs on them like the torch layers, and an engine serves
 with them (the VNNI and native-bf16 paths are made unavailable, so these run on any AVX2 CPU)."""
 
@@ -29,13 +29,13 @@ Q4_1, Q4_0, Q8_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_
 
 @pytest.fixture(params=["avx2", "avx512-vnni"])
 def tile_width(request):
-    """Each int16 tile product on both of its paths where the CPU has AVX512-VNNI (column groups in pairs there)."""
+    """Each tile product on both of its paths where the CPU has AVX512-VNNI (column groups in pairs there)."""
     lib = native._required_library() if kernels_available() else None
-    if lib is None or (request.param == "avx512-vnni" and not lib.int16_tiles_wide(-1)):
+    if lib is None or (request.param == "avx512-vnni" and not lib.block_tiles_vnni(-1)):
         pytest.skip(f"the {request.param} path of the int16 tiles does not run on this CPU")
-    lib.int16_tiles_wide(int(request.param == "avx512-vnni"))
+    lib.block_tiles_vnni(int(request.param == "avx512-vnni"))
     yield request.param
-    lib.int16_tiles_wide(1)  # back to the CPU's own choice
+    lib.block_tiles_vnni(1)  # back to the CPU's own choice
 
 
 def gguf_blocks(qtype: gguf.GGMLQuantizationType, weight: torch.Tensor) -> torch.Tensor:
@@ -108,21 +108,21 @@ def test_tile_product_adds_bias_and_into_a_residual_and_refuses_what_it_cannot_t
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [Q4_1, Q4_0, Q8_0])
+@pytest.mark.parametrize(("qtype", "input_bits"), [(Q4_1, 16), (Q4_0, 16), (Q8_0, 16), (Q4_1, 8), (Q4_0, 8)])
 @pytest.mark.parametrize("out_features", [8, 24, 64])  # one column group, a pair and one alone, pairs only
-def test_int16_tiles_give_the_same_bits_on_avx512_vnni_as_on_avx2(qtype, out_features):
+def test_tiles_give_the_same_bits_on_avx512_vnni_as_on_avx2(qtype, input_bits, out_features):
     lib = native._required_library()
-    if not lib.int16_tiles_wide(-1):
+    if not lib.block_tiles_vnni(-1):
         pytest.skip("needs AVX512-VNNI")
     raw = gguf_blocks(qtype, torch.randn(out_features, 96))
-    tiles = pack_block_tiles(int(qtype), pack_blocks(int(qtype), raw), 16)
+    tiles = pack_block_tiles(int(qtype), pack_blocks(int(qtype), raw), input_bits)
     x, bias = torch.randn(13, 96), torch.randn(out_features)
     wide = block_tiles_matmul(x, tiles, bias)
     try:
-        lib.int16_tiles_wide(0)
+        lib.block_tiles_vnni(0)
         narrow = block_tiles_matmul(x, tiles, bias)
     finally:
-        lib.int16_tiles_wide(1)
+        lib.block_tiles_vnni(1)
     assert torch.equal(wide, narrow)
 
 
@@ -190,5 +190,6 @@ def test_int8_without_vnni_is_refused_for_weights_without_q4_blocks(tmp_path, mo
     make_tiny_model(ALL_CONFIGS["llama-gqa-tied"], tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "q8.gguf", "Q8_0")
     for path in (tmp_path / "hf", tmp_path / "q8.gguf"):
-        with pytest.raises(ValueError, match="quantization int8 needs .* AVX512-VNNI or, with AVX2 only, a GGUF"):
+        with pytest.raises(ValueError, match="int8 needs .* a GGUF whose linears hold Q4_0/Q4_1 blocks or a CPU "
+                                             "with AVX512-VNNI"):
             load_model(str(path), quantization="int8")

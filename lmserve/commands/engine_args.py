@@ -23,9 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
                         help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 blocks through lmserve's AVX2 kernels, "
                              "inputs rounded to int16 (float32 within ~1e-4): Q4 blocks for every product where "
                              "the float weights stay float32, else for decode; none: float weights only; int8: "
-                             "the decoder layers' products in int8 (CPUs with AVX512-VNNI: weights and inputs "
-                             "rounded per group of 64; AVX2 only: a GGUF's Q4_0/Q4_1 blocks as they are, inputs "
-                             "rounded per block of 32, like llama.cpp; lossy, see `lmserve bench quality "
+                             "the decoder layers' products in int8 (a GGUF's Q4_0/Q4_1 blocks as they are, inputs "
+                             "rounded per block of 32, like llama.cpp; other models on CPUs with AVX512-VNNI: "
+                             "weights and inputs rounded per group of 64; lossy, see `lmserve bench quality "
                              "--quantization int8`)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                         help="dtype the KV cache stores (default auto: the activations'); float16 under float32 "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import gguf
 import torch
 
-from lmserve.kernels.native import QK, Epilogue, _required_library, _scratch
+from lmserve.kernels.native import QK, Epilogue, _required_library, _scratch, kernels_available
 
 COLS = 8  # outputs per group (the kernels' COLS)
 Q4_0, Q4_1, Q8_0 = (int(t) for t in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1,
@@ -35,9 +35,9 @@ class BlockTiles:
         return self.quants.shape[0] * COLS
 
 
-def int16_tiles_on_vnni() -> bool:
-    """Whether the int16 tiles' products take their AVX512-VNNI path (column groups in pairs), for reports."""
-    return bool(_required_library().int16_tiles_wide(-1))
+def block_tiles_on_vnni() -> bool:
+    """Whether the tiles' products (int16 and int8 inputs) take their AVX512-VNNI path (column groups in pairs)."""
+    return kernels_available() and bool(_required_library().block_tiles_vnni(-1))
 
 
 def tiles_packable(qtype: int, out_features: int, input_bits: int) -> bool:

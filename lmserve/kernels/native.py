@@ -106,8 +106,8 @@ def _library() -> ctypes.CDLL | None:
         product.restype = ctypes.c_int
     lib.int16_tiles_scratch_bytes.argtypes = [size, size]
     lib.int16_tiles_scratch_bytes.restype = size
-    lib.int16_tiles_wide.argtypes = [ctypes.c_int]
-    lib.int16_tiles_wide.restype = ctypes.c_int
+    lib.block_tiles_vnni.argtypes = [ctypes.c_int]
+    lib.block_tiles_vnni.restype = ctypes.c_int
     return lib
 
 

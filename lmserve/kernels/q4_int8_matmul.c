@@ -13,6 +13,9 @@
  * m float32 [N / 8][K / 32][8] (Q4_0 is Q4_1 with m = -8 d). A block adds d * xscale * (q . xq) + m * xsum, xsum
  * being xscale * sum(xq): the product of the rounded x by the dequantized weight.
  *
+ * With AVX512-VNNI (block_tiles_vnni, tiles_int16_matmul.c), two neighbouring column groups share a 512-bit vector
+ * and vpdpbusd takes the place of maddubs + add + madd, summing in int32: the same sums, so the same results.
+ *
  * xq: int8 scratch [M, K]; xscale, xsum: float32 scratch [M, K / 32].  y: float32 [M, N].
  */
 #include <immintrin.h>
@@ -93,6 +96,76 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *quants, co
     }
 }
 
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+/* Column groups g and g + 1 (16 outputs, contiguous in y; group g + 1's quants `next` bytes on, its scales and mins
+ * `next_scales` floats on) against `rows` rows of x: `tile`'s arithmetic, two int32 sums per row (low and high
+ * nibbles) so that vpdpbusd's latency is hidden. */
+static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quants, int64_t next, const float *d,
+                                                           const float *m, int64_t next_scales, int64_t blocks,
+                                                           const int8_t *xq, const float *xscale, const float *xsum,
+                                                           int64_t K, const int rows, const float *bias, float *y,
+                                                           int64_t N, int epilogue) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __m512 acc[ROWS];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i sums[ROWS], sums2[ROWS];
+        for (int r = 0; r < rows; r++) sums[r] = sums2[r] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *at = quants + b * 128 + 32 * j;
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)at)),
+                                                 _mm256_loadu_si256((const __m256i *)(at + next)), 1);
+            const __m512i low = _mm512_and_si512(w, nibble);
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+            for (int r = 0; r < rows; r++) {
+                int32_t lo, hi;
+                memcpy(&lo, xq + r * K + b * QK + 4 * j, 4);
+                memcpy(&hi, xq + r * K + b * QK + 16 + 4 * j, 4);
+                sums[r] = _mm512_dpbusd_epi32(sums[r], low, _mm512_set1_epi32(lo));
+                sums2[r] = _mm512_dpbusd_epi32(sums2[r], high, _mm512_set1_epi32(hi));
+            }
+        }
+        const __m512 db = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(d + b * COLS)),
+                                             _mm256_loadu_ps(d + b * COLS + next_scales), 1);
+        const __m512 mb = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(m + b * COLS)),
+                                             _mm256_loadu_ps(m + b * COLS + next_scales), 1);
+        for (int r = 0; r < rows; r++) {
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(sums[r], sums2[r]));
+            acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(db, _mm512_set1_ps(xscale[r * blocks + b])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
+        }
+    }
+    const __m512 add = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        __m512 out = _mm512_add_ps(acc[r], add);
+        if (epilogue == ACCUMULATE) out = _mm512_add_ps(out, _mm512_loadu_ps(y + r * N));
+        _mm512_storeu_ps(y + r * N, out);
+    }
+}
+
+/* tile_pair for 1..ROWS rows (each count a constant of its own copy); called, not inlined, so that no code of the
+ * AVX2 path is compiled for AVX-512. */
+static __attribute__((noinline)) void tile_pair_rows(const uint8_t *quants, int64_t next, const float *d,
+                                                     const float *m, int64_t blocks, const int8_t *xq,
+                                                     const float *xscale, const float *xsum, int64_t K, int rows,
+                                                     const float *bias, float *y, int64_t N, int epilogue) {
+#define PAIR(n) tile_pair(quants, next, d, m, blocks * COLS, blocks, xq, xscale, xsum, K, n, bias, y, N, epilogue)
+    switch (rows) {
+    case 1: PAIR(1); break;
+    case 2: PAIR(2); break;
+    case 3: PAIR(3); break;
+    case 4: PAIR(4); break;
+    case 5: PAIR(5); break;
+    default: PAIR(6); break;
+    }
+#undef PAIR
+}
+#pragma GCC pop_options
+
+int block_tiles_vnni(int request);
+
 int64_t q4_int8_scratch_bytes(int64_t M, int64_t K) { return M * K + 2 * 4 * M * (K / QK); }
 
 /* Returns 0, or -1 for shapes it does not take (K not a multiple of 32, N not of 8, epilogue SILU_MUL). */
@@ -104,14 +177,23 @@ int q4_int8_matmul(const float *x, int64_t M, int64_t K, const uint8_t *quants, 
     float *xscale = (float *)(scratch + M * K), *xsum = xscale + M * blocks;
 #pragma omp parallel for if (M * blocks >= 64)
     for (int64_t i = 0; i < M * blocks; i++) quantize_block8(x + i * QK, xq + i * QK, xscale + i, xsum + i);
+    const int64_t groups = N / COLS, step = block_tiles_vnni(-1) ? 2 : 1;
 #pragma omp parallel for schedule(guided)
-    for (int64_t g = 0; g < N / COLS; g++) {
+    for (int64_t item = 0; item < (groups + step - 1) / step; item++) {
+        const int64_t g = item * step;
+        const int pair = step == 2 && g + 1 < groups; /* an odd last group goes alone */
         const uint8_t *q = quants + g * blocks * 128;
         const float *dg = d + g * blocks * COLS, *mg = m + g * blocks * COLS, *bg = bias ? bias + g * COLS : NULL;
         for (int64_t r = 0; r < M; r += ROWS) {
-#define TILE(rows) tile(q, dg, mg, blocks, xq + r * K, xscale + r * blocks, xsum + r * blocks, K, rows, bg, \
-                        y + r * N + g * COLS, N, epilogue)
-            switch (M - r < ROWS ? M - r : ROWS) {
+            const int rows = M - r < ROWS ? M - r : ROWS;
+            if (pair) {
+                tile_pair_rows(q, blocks * 128, dg, mg, blocks, xq + r * K, xscale + r * blocks, xsum + r * blocks, K,
+                               rows, bg, y + r * N + g * COLS, N, epilogue);
+                continue;
+            }
+#define TILE(n) tile(q, dg, mg, blocks, xq + r * K, xscale + r * blocks, xsum + r * blocks, K, n, bg, \
+                     y + r * N + g * COLS, N, epilogue)
+            switch (rows) {
             case 1: TILE(1); break;
             case 2: TILE(2); break;
             case 3: TILE(3); break;

@@ -1,6 +1,6 @@
-/* y[M, N] = x[M, K] @ W[N, K]^T with AVX2 only: W's GGUF Q4_0 / Q4_1 / Q8_0 blocks regrouped eight output columns
- * at a time, x rounded to int16 per block of 32 as quant_matmul.c rounds it (the default path: a product within
- * ~1e-4 of float32's, by norm, on SmolLM2's layers).
+/* y[M, N] = x[M, K] @ W[N, K]^T with AVX2 (and AVX512-VNNI where the CPU has it, below): W's GGUF Q4_0 / Q4_1 /
+ * Q8_0 blocks regrouped eight output columns at a time, x rounded to int16 per block of 32 as quant_matmul.c
+ * rounds it (the default path: a product within ~1e-4 of float32's, by norm, on SmolLM2's layers).
  *
  * quant_matmul.c keeps a weight row's blocks together, so each block of each (row, output) pair needs its own
  * unpacking, conversion and FMA. Here a vector's lanes are eight outputs (as in q4_int8_matmul.c): one 16-byte load,
@@ -12,9 +12,9 @@
  * 256-1024), 1.2-1.7x for the LM head's Q8_0 (64 rows: 36 -> 23 ms, float32 42).
  *
  * With AVX512-VNNI, two neighbouring column groups share a 512-bit vector (the two 16-byte loads widened together)
- * and each madd + add is one vpdpwssd: 1.8-1.9x the AVX2 tiles from 64 rows on, 1.2-1.4x at one row (Xeon with
- * AVX512-VNNI, no BF16), the same int32 sums, so the same results to the bit. 512-bit madds and adds without
- * VNNI gave only 1.2-1.3x, so AVX512BW alone keeps the AVX2 tiles.
+ * and each madd + add is one vpdpwssd: 1.5-1.9x the AVX2 tiles from 2 rows on, 1.1-1.3x at one row (Xeon with
+ * AVX512-VNNI, no BF16; SmolLM2's gate/up, down and LM head), the same int32 sums, so the same results to the bit.
+ * 512-bit madds and adds without VNNI gave only 1.2-1.3x, so AVX512BW alone keeps the AVX2 tiles.
  *
  * Layout (block_tiles.pack_block_tiles, 16-bit inputs): Q4 quants uint8 [N / 8][K / 32][8][16], byte 2c + e of
  * load v holding column c's GGUF quant byte 2v + e (low nibble: input 2v + e of the block, high nibble: input 16 +
@@ -89,9 +89,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *quants, co
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
-/* Column groups g and g + 1 (16 outputs, contiguous in y) in one 512-bit lane set: the same arithmetic as `tile`,
- * with vpdpwssd for madd + add and two sums per row (low and high nibbles, or even and odd loads) so that its
- * latency is hidden. `next` is the distance to group g + 1's quants, `next_scales` to its scales and mins. */
+/* A 16-byte load of column group g's quants and the same of group g + 1's (`next` bytes on), widened to int16. */
 static inline __attribute__((always_inline)) __m512i widen_pair(const uint8_t *a, int64_t next, const int q8) {
     const __m256i bytes = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
                                                   _mm_loadu_si128((const __m128i *)(a + next)), 1);
@@ -108,6 +106,9 @@ static inline __attribute__((always_inline)) __m512i broadcast2_wide(const int16
     return _mm512_set1_epi32(v);
 }
 
+/* Column groups g and g + 1 (16 outputs, contiguous in y) in one 512-bit lane set: the same arithmetic as `tile`,
+ * with vpdpwssd for madd + add and two sums per row (low and high nibbles, or even and odd loads) so that its
+ * latency is hidden. `next` is the distance to group g + 1's quants, `next_scales` to its scales and mins. */
 static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quants, int64_t next, const float *d,
                                                            const float *m, int64_t next_scales, int64_t blocks,
                                                            const int16_t *xq, const float *xscale, const float *xsum,
@@ -174,11 +175,12 @@ static __attribute__((noinline)) void tile_pair_rows(const uint8_t *quants, int6
 
 int64_t int16_tiles_scratch_bytes(int64_t M, int64_t K) { return 2 * M * K + 2 * 4 * M * (K / QK); }
 
-/* Whether products take tile_pair: the CPU's answer at first use; int16_tiles_wide(0 or 1) sets it (1 only where the
- * CPU has AVX512-VNNI), for tests that compare both; -1 only asks. Returns the setting. */
+/* Whether this file's and q4_int8_matmul.c's products take their tile_pair: the CPU's answer at first use;
+ * block_tiles_vnni(0 or 1) sets it (1 only where the CPU has AVX512-VNNI), for tests that compare both; -1 only
+ * asks. Returns the setting. */
 static int wide = -1;
 
-int int16_tiles_wide(int request) {
+int block_tiles_vnni(int request) {
     if (request >= 0 || wide < 0) {
         __builtin_cpu_init();
         wide = request != 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
@@ -193,7 +195,7 @@ static inline __attribute__((always_inline)) int matmul(const float *x, int64_t 
                                                        float *y, uint8_t *scratch, int epilogue, const int q8) {
     if (K % QK || N % COLS || (epilogue != STORE && epilogue != ACCUMULATE)) return -1;
     const int64_t blocks = K / QK, group_bytes = blocks * (q8 ? 256 : 128), groups = N / COLS;
-    const int64_t step = int16_tiles_wide(-1) ? 2 : 1;
+    const int64_t step = block_tiles_vnni(-1) ? 2 : 1;
     float *xscale = (float *)scratch, *xsum = xscale + M * blocks;
     int16_t *xq = (int16_t *)(xsum + M * blocks);
     quantize_int16(x, M * blocks, xq, xscale, xsum);
