@@ -137,12 +137,7 @@ static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quant
             acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
         }
     }
-    const __m512 add = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) {
-        __m512 out = _mm512_add_ps(acc[r], add);
-        if (epilogue == ACCUMULATE) out = _mm512_add_ps(out, _mm512_loadu_ps(y + r * N));
-        _mm512_storeu_ps(y + r * N, out);
-    }
+    store_rows16(acc, rows, bias, y, N, epilogue == ACCUMULATE);
 }
 
 /* tile_pair for 1..ROWS rows (each count a constant of its own copy); called, not inlined, so that no code of the

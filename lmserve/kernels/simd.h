@@ -3,6 +3,7 @@
 #define LMSERVE_SIMD_H
 
 #include <immintrin.h>
+#include <stdint.h>
 
 /* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
  * within 2 ulp of expf. */
@@ -49,6 +50,19 @@ __attribute__((target("avx512f"))) static inline __m512 silu_mul16(__m512 g, __m
     const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
     return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
+}
+
+/* A 16-output tile's rows out: y[r * N + 0..16) = acc[r] + bias, plus y's own values where `accumulate` (both pair
+ * tiles of the block kernels). */
+__attribute__((target("avx512f"), always_inline)) static inline void store_rows16(const __m512 *acc, int rows,
+                                                                                  const float *bias, float *y,
+                                                                                  int64_t N, int accumulate) {
+    const __m512 add = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        __m512 out = _mm512_add_ps(acc[r], add);
+        if (accumulate) out = _mm512_add_ps(out, _mm512_loadu_ps(y + r * N));
+        _mm512_storeu_ps(y + r * N, out);
+    }
 }
 
 static inline float horizontal_sum(__m256 v) {

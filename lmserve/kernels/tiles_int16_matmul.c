@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "bf16_kernels.h"
+#include "simd.h"
 
 #define QK 32
 #define COLS 8
@@ -150,12 +151,7 @@ static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quant
                                               _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
         }
     }
-    const __m512 add = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; r++) {
-        __m512 out = _mm512_add_ps(acc[r], add);
-        if (epilogue == ACCUMULATE) out = _mm512_add_ps(out, _mm512_loadu_ps(y + r * N));
-        _mm512_storeu_ps(y + r * N, out);
-    }
+    store_rows16(acc, rows, bias, y, N, epilogue == ACCUMULATE);
 }
 
 /* tile_pair for 1..ROWS rows, each count a constant of its own copy; a call, not inlined, so that no code of the
