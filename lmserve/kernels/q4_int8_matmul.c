@@ -127,10 +127,7 @@ static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quant
                 sums2[r] = _mm512_dpbusd_epi32(sums2[r], high, _mm512_set1_epi32(hi));
             }
         }
-        const __m512 db = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(d + b * COLS)),
-                                             _mm256_loadu_ps(d + b * COLS + next_scales), 1);
-        const __m512 mb = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(m + b * COLS)),
-                                             _mm256_loadu_ps(m + b * COLS + next_scales), 1);
+        const __m512 db = load_pair8(d + b * COLS, next_scales), mb = load_pair8(m + b * COLS, next_scales);
         for (int r = 0; r < rows; r++) {
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(sums[r], sums2[r]));
             acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(db, _mm512_set1_ps(xscale[r * blocks + b])), acc[r]);

@@ -52,6 +52,12 @@ __attribute__((target("avx512f"))) static inline __m512 silu_mul16(__m512 g, __m
     return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
+/* Eight floats at a and eight at a + next in one vector: a pair tile's scales or mins for its two column groups. */
+__attribute__((target("avx512f,avx512dq"), always_inline)) static inline __m512 load_pair8(const float *a,
+                                                                                          int64_t next) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(a + next), 1);
+}
+
 /* A 16-output tile's rows out: y[r * N + 0..16) = acc[r] + bias, plus y's own values where `accumulate` (both pair
  * tiles of the block kernels). */
 __attribute__((target("avx512f"), always_inline)) static inline void store_rows16(const __m512 *acc, int rows,

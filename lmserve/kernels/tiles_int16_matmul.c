@@ -12,9 +12,10 @@
  * 256-1024), 1.2-1.7x for the LM head's Q8_0 (64 rows: 36 -> 23 ms, float32 42).
  *
  * With AVX512-VNNI, two neighbouring column groups share a 512-bit vector (the two 16-byte loads widened together)
- * and each madd + add is one vpdpwssd: 1.5-1.9x the AVX2 tiles from 2 rows on, 1.1-1.3x at one row (Xeon with
- * AVX512-VNNI, no BF16; SmolLM2's gate/up, down and LM head), the same int32 sums, so the same results to the bit.
- * 512-bit madds and adds without VNNI gave only 1.2-1.3x, so AVX512BW alone keeps the AVX2 tiles.
+ * and each madd + add is one vpdpwssd: the same int32 sums, so the same results to the bit; on a Xeon with
+ * AVX512-VNNI (no BF16) a 64-sequence decode step's gate/up 35.0 -> 21.8 ms and LM head 18.8 -> 11.4 ms
+ * (benchmarks/step_profile.py --batch 64, docs/benchmarks-vnni.md).
+ * 512-bit madds and adds without VNNI gained only about a quarter of that (a probe), so AVX512BW alone keeps AVX2.
  *
  * Layout (block_tiles.pack_block_tiles, 16-bit inputs): Q4 quants uint8 [N / 8][K / 32][8][16], byte 2c + e of
  * load v holding column c's GGUF quant byte 2v + e (low nibble: input 2v + e of the block, high nibble: input 16 +
@@ -97,10 +98,6 @@ static inline __attribute__((always_inline)) __m512i widen_pair(const uint8_t *a
     return q8 ? _mm512_cvtepi8_epi16(bytes) : _mm512_cvtepu8_epi16(bytes);
 }
 
-static inline __attribute__((always_inline)) __m512 floats_pair(const float *a, int64_t next) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(a + next), 1);
-}
-
 static inline __attribute__((always_inline)) __m512i broadcast2_wide(const int16_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -142,12 +139,12 @@ static inline __attribute__((always_inline)) void tile_pair(const uint8_t *quant
                 }
             }
         }
-        const __m512 db = floats_pair(d + b * COLS, next_scales);
+        const __m512 db = load_pair8(d + b * COLS, next_scales);
         for (int r = 0; r < rows; r++) {
             const __m512 scale = _mm512_mul_ps(db, _mm512_set1_ps(xscale[r * blocks + b]));
             const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(sums[r], sums2[r]));
             acc[r] = _mm512_fmadd_ps(sum, scale, acc[r]);
-            if (!q8) acc[r] = _mm512_fmadd_ps(floats_pair(m + b * COLS, next_scales),
+            if (!q8) acc[r] = _mm512_fmadd_ps(load_pair8(m + b * COLS, next_scales),
                                               _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
         }
     }
