@@ -13,7 +13,9 @@ from lmserve.config import ModelConfig
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """Per-pair rotation speeds, scaled the way the config's rope type asks."""
     dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even inside a `torch.device("meta")` block: meta ops here would import torch._dynamo (1.7 s)
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (config.rope_theta ** (steps / dim))
     scaling = config.rope_scaling
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
