@@ -57,7 +57,8 @@ def main() -> None:
                     f"{max(r[0] for r in runs):.1f}] | {rss:.0f} |")
     lines = ["## Startup and idle memory", "",
              f"`lmserve serve` on the default model, launch to a 200 from /health, median [min–max] of {args.repeats} "
-             "starts (kernels already compiled; the first start on a machine adds about a second of C compile).", "",
+             "starts (kernels already compiled; the first start on a machine also compiles them, "
+             "about 11 s on 2 cores).", "",
              "| server | seconds to healthy | idle RSS MiB |", "|---|---|---|", *rows, ""]
     print("\n".join(lines))
     if args.section:
