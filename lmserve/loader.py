@@ -15,6 +15,7 @@ from lmserve.kernels.block_tiles import Q4_TYPES
 from lmserve.kernels.int8_linear import has_int8_dot_product
 from lmserve.kernels.native import BLOCK_BYTES, kernels_available
 from lmserve.layers.linear import Linear
+from lmserve.models.base import DecoderLM
 from lmserve.models.registry import build_model
 from lmserve.platform import auto_dtype, has_fast_bf16
 from lmserve.weights import hf_dir
@@ -71,38 +72,51 @@ def load_model(model: str, tokenizer: str | None = None, dtype: str | torch.dtyp
     path = resolve_model_path(model)
     torch_device = torch.device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
+    checkpoint = None
     if path.suffix == ".gguf":
         from lmserve.weights.gguf_checkpoint import GGUFCheckpoint  # the gguf reader is only needed here
 
         checkpoint = GGUFCheckpoint(path)
         torch_dtype = _gguf_dtype(checkpoint, dtype, quantization, torch_device, torch_dtype)
         config = ModelConfig.from_hf(checkpoint.hf_config, str(path))
-        weights = checkpoint.tensors(torch_dtype)
-        tok = None if tokenizer else tokenizer_from_gguf(checkpoint)
+        tok = load_tokenizer(Path(tokenizer).expanduser()) if tokenizer else tokenizer_from_gguf(checkpoint)
     else:
         torch_dtype = _int8_dtype(dtype, quantization, torch_device, torch_dtype, q4_blocks=False)
         config = ModelConfig.from_hf(hf_dir.read_config(path), str(path / "config.json"))
-        weights = hf_dir.iter_tensors(hf_dir.safetensors_files(path), torch_dtype)
-        tok = None
-    if tok is None:
         tok = load_tokenizer(Path(tokenizer).expanduser() if tokenizer else path)
-    module = build_model(config, weights, str(path), torch_dtype, torch_device)
-    quantized: tuple[str, ...] = ()
-    if path.suffix == ".gguf" and quantization != "none" and _kernels_apply(torch_dtype, torch_device):
-        module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
-        quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
-                                  if isinstance(m, Linear) and m.quantized is not None}))
-        if quantized and dtype == "auto" and has_fast_bf16(torch_device) and quantization == "auto":
-            module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
-        elif quantized and quantization == "auto":
-            module.store_linear_weights_in_block_tiles(16)  # W1 1.2x the blocks + float32 GEMMs
-    if quantization == "int8" and path.suffix == ".gguf" and checkpoint.has_blocks(frozenset(Q4_TYPES)):
-        module.store_linear_weights_in_block_tiles(8)  # the file's 4-bit weights by int8 inputs
-        quantized = (*quantized, "int8")
-    elif quantization == "int8":
+    module = build_model(config, str(path), torch_dtype, torch_device)
+    quantized, bf16_weights = _attach_blocks(module, checkpoint, dtype, quantization, torch_dtype, torch_device)
+    # the float weights after the blocks: those that block tiles replaced are never dequantized
+    weights = (checkpoint.tensors(torch_dtype, module.wants_tensor) if checkpoint is not None
+               else hf_dir.iter_tensors(hf_dir.safetensors_files(path), torch_dtype))
+    module.load_weights(weights, str(path))
+    if bf16_weights:
+        module.store_linear_weights_in(torch.bfloat16)  # prefill and large batches: native bf16 GEMMs
+    elif quantization == "int8" and "int8" not in quantized:
         module.store_linear_weights_in_int8(torch.bfloat16 if has_fast_bf16(torch_device) else torch.float32)
         quantized = (*quantized, "int8")
     return LoadedModel(config, module, tok, path, torch_dtype, torch_device, quantized)
+
+
+def _attach_blocks(module: DecoderLM, checkpoint: GGUFCheckpoint | None, dtype: str | torch.dtype,
+                   quantization: str, torch_dtype: torch.dtype, device: torch.device) -> tuple[tuple[str, ...], bool]:
+    """Give the linears a GGUF's blocks where the kernels use them, and put those that multiply by the blocks
+    alone into block tiles (before any float weight is loaded). Returns the block types in use (with "int8" for
+    --quantization int8 on the file's Q4 blocks) and whether the float weights are then to be kept in bf16."""
+    if checkpoint is None or quantization == "none" or not _kernels_apply(torch_dtype, device):
+        return (), False
+    module.attach_quantized(checkpoint.quantized_blocks(frozenset(BLOCK_BYTES)))
+    quantized = tuple(sorted({gguf.GGMLQuantizationType(m.quantized.qtype).name for m in module.modules()
+                              if isinstance(m, Linear) and m.quantized is not None}))
+    if quantization == "int8" and checkpoint.has_blocks(frozenset(Q4_TYPES)):
+        module.store_linear_weights_in_block_tiles(8)  # the file's 4-bit weights by int8 inputs
+        return (*quantized, "int8"), False
+    if not quantized or quantization != "auto":
+        return quantized, False
+    if dtype == "auto" and has_fast_bf16(device):
+        return quantized, True
+    module.store_linear_weights_in_block_tiles(16)  # W1 1.2x the blocks + float32 GEMMs
+    return quantized, False
 
 
 def resolve_dtype(model: str, dtype: str = "auto", device: str = "cpu", quantization: str = "auto") -> torch.dtype:

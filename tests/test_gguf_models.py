@@ -5,6 +5,7 @@ hold those kernels to the same bar, and `--quantization none` (float weights onl
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 import transformers
@@ -14,6 +15,7 @@ from model_helpers import prompt_logits, relative_error
 from tiny_models import ALL_CONFIGS, make_tiny_model
 
 from lmserve.kernels.native import kernels_available
+from lmserve.layers.linear import Linear
 from lmserve.llm import LLM
 from lmserve.loader import load_model
 from lmserve.sampling_params import SamplingParams
@@ -69,3 +71,31 @@ def test_transformers_loads_our_exported_files_too(tmp_path):
         with torch.no_grad():
             expected = theirs(torch.tensor([prompt])).logits[0]
         assert relative_error(logits, expected) < 1e-4
+
+
+LINEAR_KINDS = {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"}
+
+
+@pytest.mark.skipif(not kernels_available(), reason="block tiles need lmserve's CPU kernels")
+@pytest.mark.parametrize("quantization", ["auto", "int8"])
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied", "neox-rotary-1.0-sequential"])
+def test_linears_on_block_tiles_are_never_dequantized(tmp_path, monkeypatch, name, quantization):
+    """Where block tiles take every product of a linear, its float weight would be thrown away: the loader does
+    not dequantize it at all (it did, for 0.9 s of SmolLM2's start). Everything else still is."""
+    make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
+    path = tmp_path / "tiny.gguf"
+    export_gguf(tmp_path / "hf", path, "Q4_1")
+    dequantized: list[str] = []
+    dequantize = GGUFCheckpoint._dequantize
+    monkeypatch.setattr(GGUFCheckpoint, "_dequantize", lambda self, info: dequantized.append(info.name)
+                        or dequantize(self, info))
+
+    loaded = load_model(str(path), dtype="float32", quantization=quantization)
+    linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.block_tiles is not None and m.weight is None for m in linears)
+    kinds = {n.split(".")[-2] for n in dequantized if n.endswith(".weight")}  # biases stay float
+    assert not kinds & LINEAR_KINDS and "token_embd" in kinds and "attn_norm" in kinds
+
+    dequantized.clear()
+    load_model(str(path), dtype="float32", quantization="none")
+    assert sorted(dequantized) == sorted(t.name for t in gguf.GGUFReader(path).tensors)

@@ -79,6 +79,9 @@ class GPTNeoXForCausalLM(DecoderLM):
             for i, part in enumerate(("q", "k", "v")):
                 yield name.replace("query_key_value", part), per_head[:, i].reshape(-1, *tensor.shape[1:])
 
+    def wants_tensor(self, name: str) -> bool:
+        return super().wants_tensor(name.replace("query_key_value", "q"))  # its q, k and v fill one parameter
+
     def _map_name(self, name: str) -> tuple[str, int] | None:
         if name.endswith(_IGNORED) or (name == "embed_out.weight" and self.config.tie_word_embeddings):
             return None

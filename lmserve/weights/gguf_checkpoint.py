@@ -7,7 +7,7 @@ its tensor names, its reversed dims, its quantized blocks, and the row reorders 
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,13 +104,16 @@ class GGUFCheckpoint:
         """The tokenizer described by the file's metadata, as llama.cpp would run it."""
         return build_tokenizer(self._reader.fields, self.path)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF parameter name, tensor) pairs, one dequantized tensor at a time so memory stays at one tensor."""
+    def tensors(self, dtype: torch.dtype = torch.float32,
+                wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF parameter name, tensor) pairs, one dequantized tensor at a time so memory stays at one tensor; only
+        those whose name is `wanted` are dequantized."""
         for info in self._reader.tensors:
             if info.name == _ROPE_FREQS:
                 continue
             name = self._hf_name(info.name)
-            yield name, self._restore_layout(info.name, self._dequantize(info)).to(dtype)
+            if wanted(name):
+                yield name, self._restore_layout(info.name, self._dequantize(info)).to(dtype)
 
     def has_blocks(self, types: frozenset[int]) -> bool:
         """Whether any 2-D tensor is stored in one of the ggml `types`."""
