@@ -29,6 +29,7 @@ SHAPES = {
     "one-seq": dict(max_num_seqs=1),
     "16-seqs": dict(max_num_seqs=16),
     "budget-8": dict(max_num_seqs=16, max_num_batched_tokens=8),
+    "prefill-3-while-decoding": dict(max_num_batched_tokens=64, max_prefill_tokens_while_decoding=3),
     "budget-13-no-prefix-cache": dict(max_num_batched_tokens=13, enable_prefix_caching=False),
     "unlimited": dict(max_num_batched_tokens=100_000),
     "block-size-4": dict(block_size=4, max_num_batched_tokens=37),

@@ -187,3 +187,38 @@ def test_cache_salt_isolates_prefix_cache_entries(llm):
     assert run("b", "tenant-2") == 0
     assert run("c", None) == 0
     assert run("d", "tenant-1") == 36  # 9 full blocks of 4, the last prompt token always recomputed
+
+
+def test_prompts_arriving_while_a_stream_decodes_take_short_steps(model_dir):
+    """A burst of prompts while a stream decodes: every step runs the decodes and at most
+    max_prefill_tokens_while_decoding prompt tokens, so the stream's next token never waits for a whole budget of
+    prefill; a step with no decodes takes the whole budget. Outputs equal those of an unlimited step."""
+    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8,
+              num_kv_blocks=200)
+    engine, steps = llm.engine, []
+    schedule = engine.scheduler.schedule
+
+    def recorded_schedule():
+        batch = schedule()
+        steps.append([(seq.is_prefilling, n) for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)])
+        return batch
+
+    engine.scheduler.schedule = recorded_schedule
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [list(range(3, 40))] + [list(range(5 + i, 35 + i)) for i in range(4)]
+    engine.add_request("first", {"prompt_token_ids": prompts[0]}, params)
+    engine.step()
+    for i, prompt in enumerate(prompts[1:]):
+        engine.add_request(f"burst-{i}", {"prompt_token_ids": prompt}, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+
+    assert steps[0] == [(True, 37)]  # nothing decodes yet: the whole prompt at once
+    with_decodes = [sum(n for prefilling, n in step if prefilling) for step in steps if (False, 1) in step]
+    assert max(with_decodes) == 8 and len(with_decodes) >= 120 // 8
+    unlimited = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=64).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [outputs["first"], *(outputs[f"burst-{i}"] for i in range(4))] == [o.outputs[0].token_ids
+                                                                              for o in unlimited]
+    assert_all_blocks_free(llm)

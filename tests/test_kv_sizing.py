@@ -75,6 +75,17 @@ def test_step_token_budget_defaults_by_device_and_can_be_set():
         EngineConfig(max_num_batched_tokens=0)
 
 
+def test_prefill_tokens_while_decoding_default_by_device_and_can_be_set():
+    assert EngineConfig().max_prefill_tokens_while_decoding == engine_config.CPU_PREFILL_TOKENS_WHILE_DECODING == 256
+    assert EngineConfig(device="cuda").max_prefill_tokens_while_decoding == 2048  # the whole budget: no limit
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    options = engine_options(parser.parse_args(["--max-prefill-tokens-while-decoding", "64"]))
+    assert EngineConfig(**options).max_prefill_tokens_while_decoding == 64
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding must be at least 1"):
+        EngineConfig(max_prefill_tokens_while_decoding=0)
+
+
 def resident_mib() -> float:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024

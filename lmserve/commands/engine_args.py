@@ -34,6 +34,10 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-prefill-tokens-while-decoding", type=int, default=None,
+                        help="prompt tokens a step takes while other sequences decode, which bounds how long a burst "
+                             "of new prompts delays each stream's next token (default 256 on the CPU; the whole "
+                             "--max-num-batched-tokens turns it off)")
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB")
@@ -43,8 +47,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
 
 
 _OPTIONS = ["model", "tokenizer", "dtype", "quantization", "kv_cache_dtype", "device", "max_model_len", "max_num_seqs",
-            "max_num_batched_tokens", "block_size", "num_kv_blocks", "kv_cache_memory_gb", "enable_prefix_caching",
-            "scheduling_policy"]
+            "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "block_size", "num_kv_blocks",
+            "kv_cache_memory_gb", "enable_prefix_caching", "scheduling_policy"]
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:

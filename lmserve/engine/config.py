@@ -16,6 +16,7 @@ QUANTIZATION_CHOICES = ("auto", "none", "int8")
 # mean TTFT 773 against 1171 ms, 739 against 672 tok/s) gained (Xeon with AMX, benchmarks/side_by_side.py with
 # --lmserve-args "--max-num-batched-tokens N"). 512 gave W2 a slightly lower TTFT (741 ms) but less throughput (697).
 CPU_BATCHED_TOKENS = 1024
+CPU_PREFILL_TOKENS_WHILE_DECODING = 256
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
 AUTO_KV_CPU_CAP = 4 * GiB  # vLLM's CPU default too: beyond it, RAM is better left to the OS and other processes
@@ -32,6 +33,7 @@ class EngineConfig:
     max_model_len: int | None = None          # default: the model's context
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: 1024 on the CPU (see CPU_BATCHED_TOKENS), 2048 elsewhere
+    max_prefill_tokens_while_decoding: int | None = None  # default: 256 on the CPU, the whole budget elsewhere
     enable_prefix_caching: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None           # exact override, like vLLM's num_gpu_blocks_override
@@ -42,11 +44,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = CPU_BATCHED_TOKENS if self.device == "cpu" else 2048
+        if self.max_prefill_tokens_while_decoding is None:
+            self.max_prefill_tokens_while_decoding = (CPU_PREFILL_TOKENS_WHILE_DECODING if self.device == "cpu"
+                                                      else self.max_num_batched_tokens)
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_while_decoding", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

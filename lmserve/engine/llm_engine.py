@@ -34,7 +34,8 @@ class LLMEngine:
         num_blocks = choose_num_blocks(config, self.lm.config, self.max_model_len, kv_dtype, self.lm.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.scheduling_policy), self.block_manager)
+                                                   config.scheduling_policy, config.max_prefill_tokens_while_decoding),
+                                   self.block_manager)
         self.runner = ModelRunner(self.lm, num_blocks, config.block_size, kv_dtype)
         self.output_processor = OutputProcessor(self.lm.tokenizer, self.lm.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}

@@ -1,8 +1,11 @@
 """Token-budget continuous batching: each step decides how many tokens of which sequence run.
 
 Running sequences go first (decodes, and prefills still in progress), then waiting ones, with prompts chunked to
-fit the budget, all in one step. When blocks run out, the lowest-priority, newest running sequence is preempted:
-its blocks are freed and it is recomputed later (its full blocks may well still be in the prefix cache).
+fit the budget, all in one step. While any sequence decodes, a step takes at most max_prefill_tokens_while_decoding
+prompt tokens besides the decodes, so that a burst of new prompts delays each running stream's next token by short
+steps, not by a whole budget of prefill at a time (Sarathi-Serve's stall-free batching); a step with no decodes takes
+the whole budget, which prefills fastest. When blocks run out, the lowest-priority, newest running sequence is
+preempted: its blocks are freed and it is recomputed later (its full blocks may well still be in the prefix cache).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     policy: str = "fcfs"              # or "priority"
+    max_prefill_tokens_while_decoding: int | None = None  # None: the whole budget
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch, budget = ScheduledBatch(), self.config.max_num_batched_tokens
+        prefill_budget = budget
+        if self.config.max_prefill_tokens_while_decoding is not None and any(
+                not seq.is_prefilling for seq in self.running):
+            prefill_budget = self.config.max_prefill_tokens_while_decoding
         preempted = False
         for seq in list(self.running):
             if budget == 0:
@@ -61,6 +69,10 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.is_prefilling:
+                n = min(n, prefill_budget)
+                if n == 0:
+                    continue
             while not self.blocks.allocate(seq, n):
                 victim = max((s for s in self.running if s not in batch.seqs), key=self._rank)
                 self._preempt(victim)
@@ -71,8 +83,9 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_tokens.append(n)
                 budget -= n
+                prefill_budget -= n if seq.is_prefilling else 0
         if not preempted:
-            self._admit_waiting(batch, budget)
+            self._admit_waiting(batch, min(budget, prefill_budget))
         return batch
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
