@@ -16,6 +16,11 @@ QUANTIZATION_CHOICES = ("auto", "none", "int8")
 # mean TTFT 773 against 1171 ms, 739 against 672 tok/s) gained (Xeon with AMX, benchmarks/side_by_side.py with
 # --lmserve-args "--max-num-batched-tokens N"). 512 gave W2 a slightly lower TTFT (741 ms) but less throughput (697).
 CPU_BATCHED_TOKENS = 1024
+# Prompt tokens a CPU step takes while sequences decode (Sarathi-Serve's stall-free batching): against the whole
+# budget (1024), W2's p99 inter-token latency fell 1387 -> 437 ms and mean TTFT 3894 -> 3269 ms, and W1 gained (256 ->
+# 284 tok/s): the decodes riding in a prefill step cost less than in steps of their own (AVX2 EPYC, side_by_side.py
+# --only lmserve with --lmserve-args "--max-prefill-tokens-while-decoding N", alternated). 128 cut the p99 further
+# (246 ms) with W4's prefix-cache TTFT less steady; a faster CPU pays a small step's fixed costs more often.
 CPU_PREFILL_TOKENS_WHILE_DECODING = 256
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 AUTO_KV_FRACTION = 0.25   # of available memory, when no budget is given
