@@ -81,7 +81,7 @@ LINEAR_KINDS = {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_ga
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "llama-mha-untied", "neox-rotary-1.0-sequential"])
 def test_linears_on_block_tiles_are_never_dequantized(tmp_path, monkeypatch, name, quantization):
     """Where block tiles take every product of a linear, its float weight would be thrown away: the loader does
-    not dequantize it at all (SmolLM2: 210 of its 272 tensors, 0.6 s of each start). Everything else still is."""
+    not dequantize it at all (SmolLM2: 210 of its 272 tensors). Everything else still is."""
     make_tiny_model(ALL_CONFIGS[name], tmp_path / "hf")
     path = tmp_path / "tiny.gguf"
     export_gguf(tmp_path / "hf", path, "Q4_1")
